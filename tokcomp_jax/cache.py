@@ -1,0 +1,143 @@
+"""The KV cache: per-layer keys/values compacted to the front of a static capacity.
+
+Each (row, KV head) holds `lengths[b, h]` valid entries in slots `[0, lengths[b, h])`; the original
+token position of every entry is kept in `positions` so that RoPE-aware methods and reports know
+which tokens survived compression. Layers may have different capacities (pyramid budgets).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+
+def _nbytes(x) -> int:
+    return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+    """One layer's cache.
+
+    keys, values: `[B, Hkv, C, D]`; positions: `[B, Hkv, C]` original token positions (-1 where
+    empty); lengths: `[B, Hkv]` number of valid entries, compacted to the front.
+    """
+
+    keys: Float[Array, "B Hkv C D"]
+    values: Float[Array, "B Hkv C D"]
+    positions: Int[Array, "B Hkv C"]
+    lengths: Int[Array, "B Hkv"]
+
+    @classmethod
+    def empty(cls, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
+              dtype=jnp.float32) -> "LayerCache":
+        """An empty cache of `capacity` slots per (row, KV head)."""
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}.")
+        shape = (batch, num_kv_heads, capacity, head_dim)
+        return cls(
+            keys=jnp.zeros(shape, dtype),
+            values=jnp.zeros(shape, dtype),
+            positions=jnp.full(shape[:3], -1, jnp.int32),
+            lengths=jnp.zeros(shape[:2], jnp.int32),
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by this layer's arrays (keys, values, positions, lengths)."""
+        return sum(_nbytes(x) for x in (self.keys, self.values, self.positions, self.lengths))
+
+    def valid_mask(self) -> Bool[Array, "B Hkv C"]:
+        """True for the slots that hold an entry."""
+        return jnp.arange(self.capacity) < self.lengths[..., None]
+
+    def append(self, keys: Float[Array, "B Hkv T D"], values: Float[Array, "B Hkv T D"],
+               positions: Int[Array, "B T"], n_valid: Int[Array, "B"]) -> "LayerCache":
+        """Writes T new entries after each (row, head)'s last one; only the first `n_valid[b]` count.
+
+        Entries past the capacity are dropped: callers size the cache (see `KVCache.check_room`).
+        """
+        batch, heads, steps, _ = keys.shape
+        slots = self.lengths[:, :, None] + jnp.arange(steps, dtype=jnp.int32)  # [B, Hkv, T]
+        rows = jnp.arange(batch)[:, None, None]
+        kv_heads = jnp.arange(heads)[None, :, None]
+        index = (rows, kv_heads, slots)
+        positions = jnp.broadcast_to(positions[:, None, :], slots.shape).astype(jnp.int32)
+        return LayerCache(
+            keys=self.keys.at[index].set(keys.astype(self.keys.dtype), mode="drop"),
+            values=self.values.at[index].set(values.astype(self.values.dtype), mode="drop"),
+            positions=self.positions.at[index].set(positions, mode="drop"),
+            lengths=self.lengths + n_valid[:, None].astype(jnp.int32),
+        )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """The whole model's cache: one `LayerCache` per layer and the tokens seen per row.
+
+    `num_seen[b]` counts the tokens row b has processed, which is the position of its next token
+    whatever compression removed from the layers.
+
+    >>> import tokcomp_jax as tc
+    >>> cache = tc.KVCache.empty(num_layers=2, batch=1, num_kv_heads=3, capacity=16, head_dim=64)
+    >>> cache.nbytes
+    49564
+    """
+
+    layers: tuple[LayerCache, ...]
+    num_seen: Int[Array, "B"]
+
+    @classmethod
+    def empty(cls, num_layers: int, batch: int, num_kv_heads: int, capacity: int | Sequence[int],
+              head_dim: int, dtype=jnp.float32) -> "KVCache":
+        """An empty cache; `capacity` is one int or one per layer."""
+        capacities = [capacity] * num_layers if isinstance(capacity, int) else list(capacity)
+        if len(capacities) != num_layers:
+            raise ValueError(f"capacity has {len(capacities)} entries, expected one per layer ({num_layers}).")
+        return cls(
+            layers=tuple(LayerCache.empty(batch, num_kv_heads, c, head_dim, dtype) for c in capacities),
+            num_seen=jnp.zeros((batch,), jnp.int32),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_seen.shape[0]
+
+    @property
+    def capacities(self) -> tuple[int, ...]:
+        return tuple(layer.capacity for layer in self.layers)
+
+    @property
+    def positions(self) -> tuple[Int[Array, "B Hkv C"], ...]:
+        """Original token positions of the entries, one `[B, Hkv, C_l]` array per layer."""
+        return tuple(layer.positions for layer in self.layers)
+
+    @property
+    def lengths(self) -> Int[Array, "L B Hkv"]:
+        """Valid entries per layer, row and KV head."""
+        return jnp.stack([layer.lengths for layer in self.layers])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache really holds (all layers' arrays plus `num_seen`)."""
+        return sum(layer.nbytes for layer in self.layers) + _nbytes(self.num_seen)
+
+    def check_room(self, new_tokens: int) -> None:
+        """Raises if some (row, layer, head) cannot take `new_tokens` more entries (reads lengths)."""
+        for index, layer in enumerate(self.layers):
+            longest = int(jnp.max(layer.lengths))
+            if longest + new_tokens > layer.capacity:
+                raise ValueError(
+                    f"the cache is full: layer {index} holds {longest} of {layer.capacity} entries and "
+                    f"{new_tokens} more were asked for; allocate a larger `capacity` or compress the cache."
+                )

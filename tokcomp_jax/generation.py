@@ -1,0 +1,250 @@
+"""Prefill and decode over an explicit KV cache, and batched, jitted text generation."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tokcomp_jax.cache import KVCache
+from tokcomp_jax.checkpoints.tokenizer import Tokenizer
+from tokcomp_jax.models.llama import Llama
+from tokcomp_jax.sampling import SamplingConfig, sample
+
+DEFAULT_CHUNK_SIZE = 512
+
+
+def _forward(graphdef, state, ids, cache, n_valid, all_logits):
+    return nnx.merge(graphdef, state)(ids, cache, n_valid, all_logits=all_logits)
+
+
+_forward_jit = jax.jit(_forward, static_argnames=("graphdef", "all_logits"))
+# Same computation, writing the new cache into the old one's buffers (for caches we own).
+_forward_jit_donating = jax.jit(_forward, static_argnames=("graphdef", "all_logits"),
+                                donate_argnames=("cache",))
+
+
+def pad_batch(ids, lengths=None, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Turns token ids (one list, a list of lists of any lengths, or an `[B, S]` array) into a
+    right-padded `[B, S]` int32 array and the `[B]` lengths of its rows."""
+    if isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], (list, tuple, np.ndarray)):
+        if lengths is not None:
+            raise ValueError("lengths is only taken with an [B, S] array of ids; a list of lists carries its own.")
+        lengths = np.array([len(row) for row in ids], np.int32)
+        batch = np.full((len(ids), max(lengths, default=0)), pad_id, np.int32)
+        for row, tokens in zip(batch, ids):
+            row[:len(tokens)] = tokens
+        ids = batch
+    ids = np.asarray(ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ids must be non-empty integer token ids shaped [B, S], got shape {ids.shape} "
+                         f"and dtype {ids.dtype}.")
+    lengths = np.full(ids.shape[0], ids.shape[1], np.int32) if lengths is None else np.asarray(lengths, np.int32)
+    if lengths.shape != (ids.shape[0],) or lengths.min() < 1 or lengths.max() > ids.shape[1]:
+        raise ValueError(f"lengths must hold one value in [1, {ids.shape[1]}] per row of ids, got {lengths}.")
+    return ids.astype(np.int32), lengths
+
+
+def _padded_length(n: int, chunk_size: int) -> int:
+    """Rounds a length up to a power of two up to `chunk_size`, to a multiple of it beyond, so that
+    prompts of similar lengths share one compiled program."""
+    if n > chunk_size:
+        return -(-n // chunk_size) * chunk_size
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def prefill(model: Llama, ids, *, lengths=None, cache: KVCache | None = None, capacity: int | None = None,
+            chunk_size: int = DEFAULT_CHUNK_SIZE, all_logits: bool = False):
+    """Runs the model over prompts in chunks of `chunk_size` tokens and returns (logits, cache).
+
+    `ids` are token ids: one list, a list of lists of different lengths, or an `[B, S]` array with
+    optional `lengths` (right padding). Tokens are appended to `cache` (a new one of `capacity`
+    slots, default S, when none is given). Logits are `[B, V]` at each row's last token, or
+    `[B, S, V]` with `all_logits=True`.
+
+    >>> import tokcomp_jax as tc
+    >>> model = tc.testing.tiny_llama()
+    >>> logits, cache = tc.prefill(model, [[1, 2, 3], [4, 5]])
+    >>> logits.shape, cache.lengths[0].tolist()
+    ((2, 64), [[3, 3], [2, 2]])
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}.")
+    ids, lengths = pad_batch(ids, lengths)
+    batch, steps = ids.shape
+    longest = int(lengths.max())
+    if cache is None:
+        capacity = longest if capacity is None else capacity
+        if longest > capacity:
+            raise ValueError(f"the prompt has {longest} tokens but capacity is {capacity}; raise capacity.")
+        cache = model.init_cache(batch, capacity)
+        owned = True
+    else:
+        if capacity is not None:
+            raise ValueError("pass either cache or capacity, not both.")
+        if cache.batch_size != batch:
+            raise ValueError(f"cache holds {cache.batch_size} rows but ids has {batch}.")
+        cache.check_room(longest)
+        owned = False
+    padded = np.zeros((batch, _padded_length(steps, chunk_size)), np.int32)
+    chunk = min(chunk_size, padded.shape[1])
+    padded[:, :steps] = ids
+    graphdef, state = nnx.split(model)
+    pieces, last = [], None
+    for start in range(0, padded.shape[1], chunk):
+        n_valid = np.clip(lengths - start, 0, chunk).astype(np.int32)
+        forward = _forward_jit_donating if owned else _forward_jit
+        logits, cache = forward(graphdef, state, padded[:, start:start + chunk], cache, n_valid, all_logits)
+        owned = True
+        if all_logits:
+            pieces.append(logits)
+        else:
+            last = logits if last is None else jnp.where(n_valid[:, None] > 0, logits, last)
+    return (jnp.concatenate(pieces, axis=1)[:, :steps] if all_logits else last), cache
+
+
+def decode(model: Llama, tokens, cache: KVCache):
+    """Appends one token per row (`tokens` `[B]`) and returns (`[B, V]` logits, cache)."""
+    tokens = jnp.asarray(tokens, jnp.int32).reshape(-1, 1)
+    if tokens.shape[0] != cache.batch_size:
+        raise ValueError(f"tokens has {tokens.shape[0]} rows but the cache holds {cache.batch_size}.")
+    cache.check_room(1)
+    graphdef, state = nnx.split(model)
+    return _forward_jit(graphdef, state, tokens, cache, jnp.ones((tokens.shape[0],), jnp.int32), False)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
+def _sample_and_decode(graphdef, state, logits, cache, key, done, stop_ids, sampling):
+    """Samples each row's next token, marks rows that stopped, and feeds the token back."""
+    key, subkey = jax.random.split(key)
+    token = sample(logits, subkey, sampling)
+    done = done | jnp.isin(token, stop_ids)
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(token[:, None], cache, jnp.ones_like(token), all_logits=False)
+    return token, done, logits, cache, key
+
+
+@dataclasses.dataclass
+class Generation:
+    """Generated token ids per row (stop token excluded), the final cache and timings."""
+
+    tokens: list[list[int]]
+    cache: KVCache
+    prompt_lengths: list[int]
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        generated = sum(len(t) for t in self.tokens)
+        return generated / self.decode_seconds if self.decode_seconds else float("nan")
+
+
+def generate_ids(model: Llama, ids, *, max_new_tokens: int = 32, sampling: SamplingConfig = SamplingConfig(),
+                 stop_ids: Sequence[int] = (), seed: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 pad_id: int = 0, on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None) -> Generation:
+    """Batched generation from token ids; rows may have different lengths.
+
+    `on_tokens(tokens [B], active [B])` is called after every step (for streaming); without it the
+    host checks for finished rows only every few steps, so decoding runs ahead asynchronously.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    ids, lengths = pad_batch(ids, pad_id=pad_id)
+    start = time.perf_counter()
+    capacity = _padded_length(int(lengths.max()), chunk_size) + max_new_tokens
+    logits, cache = prefill(model, ids, lengths=lengths, capacity=capacity, chunk_size=chunk_size)
+    jax.block_until_ready(logits)
+    prefill_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    graphdef, state = nnx.split(model)
+    key = jax.random.PRNGKey(seed)
+    done = jnp.zeros((ids.shape[0],), bool)
+    stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
+    steps = []
+    for step in range(max_new_tokens):
+        was_done = done
+        token, done, logits, cache, key = _sample_and_decode(graphdef, state, logits, cache, key, done, stop, sampling)
+        steps.append((token, was_done))
+        if on_tokens is not None:
+            on_tokens(np.asarray(token), ~np.asarray(done))
+        if (on_tokens is not None or step % 8 == 7) and bool(done.all()):
+            break
+    tokens = np.stack([np.asarray(t) for t, _ in steps], axis=1)
+    active = ~np.stack([np.asarray(d) for _, d in steps], axis=1)
+    stopped = np.isin(tokens, np.asarray(stop_ids))
+    rows = [row[keep & ~halt].tolist() for row, keep, halt in zip(tokens, active, stopped)]
+    return Generation(rows, cache, lengths.tolist(), prefill_seconds, time.perf_counter() - start)
+
+
+def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str], chat: bool) -> list[list[int]]:
+    """Token ids of each prompt, wrapped in the chat template as a user turn when `chat`."""
+    if chat:
+        return [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}]),
+                                 add_special_tokens=False) for p in prompts]
+    return [tokenizer.encode(p) for p in prompts]
+
+
+def stop_token_ids(tokenizer: Tokenizer, stop_tokens: Sequence[int | str]) -> list[int]:
+    """The tokenizer's end-of-sequence ids plus `stop_tokens` given as ids or single-token strings."""
+    ids = list(tokenizer.eos_ids)
+    for token in stop_tokens:
+        token_id = token if isinstance(token, int) else tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"stop token {token!r} is not a single token of this vocabulary; give its id.")
+        ids.append(token_id)
+    return ids
+
+
+def generate(model: Llama, tokenizer: Tokenizer, prompts: str | Sequence[str], *, max_new_tokens: int = 32,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             stop_tokens: Sequence[int | str] = (), chat: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE,
+             stream: Callable[[int, str], None] | None = None) -> str | list[str]:
+    """Generates a continuation of each prompt (batched); a single string gives a single string.
+
+    `chat=True` wraps each prompt in the model's chat template. `stream(row, text)` receives each
+    new piece of text as soon as it is decoded.
+
+    >>> import tokcomp_jax as tc
+    >>> model, tokenizer = tc.load()  # doctest: +SKIP
+    >>> tc.generate(model, tokenizer, "What is the capital of France?", max_new_tokens=8)  # doctest: +SKIP
+    'The capital of France is Paris.'
+    """
+    single = isinstance(prompts, str)
+    prompts = [prompts] if single else list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty; give at least one prompt.")
+    sampling = SamplingConfig(temperature, top_k, top_p)
+    chat = chat and tokenizer.chat_template is not None
+    on_tokens = _streamer(tokenizer, len(prompts), stream) if stream else None
+    result = generate_ids(model, encode_prompts(tokenizer, prompts, chat), max_new_tokens=max_new_tokens,
+                          sampling=sampling, stop_ids=stop_token_ids(tokenizer, stop_tokens), seed=seed,
+                          chunk_size=chunk_size, pad_id=tokenizer.pad_id, on_tokens=on_tokens)
+    texts = [tokenizer.decode(row) for row in result.tokens]
+    return texts[0] if single else texts
+
+
+def _streamer(tokenizer: Tokenizer, batch: int, stream: Callable[[int, str], None]):
+    """Turns per-step tokens into text pieces, decoding each row's whole output so far so that
+    characters split across tokens come out whole."""
+    ids = [[] for _ in range(batch)]
+    shown = [""] * batch
+
+    def on_tokens(tokens, active):
+        for row in range(batch):
+            if active[row]:
+                ids[row].append(int(tokens[row]))
+                text = tokenizer.decode(ids[row])
+                if len(text) > len(shown[row]) and not text.endswith("\ufffd"):
+                    stream(row, text[len(shown[row]):])
+                    shown[row] = text
+
+    return on_tokens

@@ -1,0 +1,131 @@
+"""Llama-family decoder in Flax NNX (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2).
+
+GQA, RoPE (with Llama-3 scaling), RMSNorm, SwiGLU, tied or untied embeddings, optional q/k/v
+biases (Qwen2) and per-head q/k RMSNorm (Qwen3). Module and parameter names follow Hugging Face's
+so that checkpoints map one to one. The forward pass reads and writes an explicit `KVCache`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from tokcomp_jax.attention import attend
+from tokcomp_jax.cache import KVCache, LayerCache
+from tokcomp_jax.models.config import ModelConfig
+from tokcomp_jax.models.rope import apply_rope, inverse_frequencies
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich, 2019), normalised in float32 as in HF."""
+
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+def _linear(in_dim: int, out_dim: int, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(in_dim, out_dim, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention that appends its keys/values to the layer's cache."""
+
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.q_proj = _linear(c.hidden_size, c.num_heads * c.head_dim, c.qkv_bias, dtype, rngs)
+        self.k_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, c.qkv_bias, dtype, rngs)
+        self.v_proj = _linear(c.hidden_size, c.num_kv_heads * c.head_dim, c.qkv_bias, dtype, rngs)
+        self.o_proj = _linear(c.num_heads * c.head_dim, c.hidden_size, c.o_bias, dtype, rngs)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
+
+    def __call__(self, x: Float[Array, "B T E"], layer: LayerCache, positions: Int[Array, "B T"],
+                 n_valid: Int[Array, "B"]) -> tuple[Float[Array, "B T E"], LayerCache]:
+        c = self.config
+        batch, steps, _ = x.shape
+        q = self.q_proj(x).reshape(batch, steps, c.num_heads, c.head_dim)
+        k = self.k_proj(x).reshape(batch, steps, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x).reshape(batch, steps, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = inverse_frequencies(c)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        layer = layer.append(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, n_valid)
+        out = attend(q, layer, positions, sliding_window=c.sliding_window)
+        return self.o_proj(out.reshape(batch, steps, c.num_heads * c.head_dim)), layer
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward (Shazeer, 2020)."""
+
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        c = config
+        self.gate_proj = _linear(c.hidden_size, c.intermediate_size, c.mlp_bias, dtype, rngs)
+        self.up_proj = _linear(c.hidden_size, c.intermediate_size, c.mlp_bias, dtype, rngs)
+        self.down_proj = _linear(c.intermediate_size, c.hidden_size, c.mlp_bias, dtype, rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm transformer block: attention then MLP, each with a residual."""
+
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.self_attn = Attention(config, dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = MLP(config, dtype, rngs)
+
+    def __call__(self, x, layer: LayerCache, positions, n_valid):
+        attn_out, layer = self.self_attn(self.input_layernorm(x), layer, positions, n_valid)
+        x = x + attn_out
+        return x + self.mlp(self.post_attention_layernorm(x)), layer
+
+
+class Llama(nnx.Module):
+    """A Llama-family causal LM over an explicit KV cache.
+
+    Calling it on `ids` `[B, T]` whose first `n_valid[b]` tokens are real (right padding) appends
+    them to `cache` at positions `cache.num_seen[b] + t` and returns their logits (all of them, or
+    each row's last valid one) with the updated cache.
+    """
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
+                                      param_dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, dtype, rngs) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype, rngs)
+
+    def init_cache(self, batch: int, capacity: int | list[int]) -> KVCache:
+        """An empty cache of `capacity` entries per layer (an int, or one per layer)."""
+        c = self.config
+        return KVCache.empty(c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim, self.dtype)
+
+    def __call__(self, ids: Int[Array, "B T"], cache: KVCache, n_valid: Int[Array, "B"], *,
+                 all_logits: bool = True) -> tuple[Float[Array, "B T V"] | Float[Array, "B V"], KVCache]:
+        steps = ids.shape[1]
+        positions = cache.num_seen[:, None] + jnp.arange(steps, dtype=jnp.int32)
+        x = self.embed_tokens(ids)
+        layers = []
+        for block, layer in zip(self.layers, cache.layers):
+            x, layer = block(x, layer, positions, n_valid)
+            layers.append(layer)
+        x = self.norm(x)
+        if not all_logits:
+            x = x[jnp.arange(x.shape[0]), jnp.maximum(n_valid - 1, 0)]
+        logits = self.lm_head(x) if hasattr(self, "lm_head") else self.embed_tokens.attend(x)
+        return logits.astype(jnp.float32), KVCache(tuple(layers), cache.num_seen + n_valid)

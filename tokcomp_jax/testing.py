@@ -1,0 +1,17 @@
+"""Tiny random models for tests and examples (users' own tests included)."""
+from __future__ import annotations
+
+import dataclasses
+
+from flax import nnx
+
+from tokcomp_jax.models.config import ModelConfig
+from tokcomp_jax.models.llama import Llama
+
+TINY_CONFIG = ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                          num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0)
+
+
+def tiny_llama(seed: int = 0, dtype="float32", **overrides) -> Llama:
+    """A randomly initialised 2-layer GQA Llama; `overrides` replace fields of `TINY_CONFIG`."""
+    return Llama(dataclasses.replace(TINY_CONFIG, **overrides), dtype=dtype, rngs=nnx.Rngs(seed))
