@@ -35,11 +35,13 @@ def pad_batch(ids, lengths=None, pad_id: int = 0) -> tuple[np.ndarray, np.ndarra
     if isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], (list, tuple, np.ndarray)):
         if lengths is not None:
             raise ValueError("lengths is only taken with an [B, S] array of ids; a list of lists carries its own.")
-        lengths = np.array([len(row) for row in ids], np.int32)
-        batch = np.full((len(ids), max(lengths, default=0)), pad_id, np.int32)
-        for row, tokens in zip(batch, ids):
-            row[:len(tokens)] = tokens
-        ids = batch
+        rows = [np.asarray(row) for row in ids]
+        if any(row.ndim != 1 or (row.size and not np.issubdtype(row.dtype, np.integer)) for row in rows):
+            raise ValueError("ids must be rows of integer token ids.")
+        lengths = np.array([row.size for row in rows], np.int32)
+        ids = np.full((len(rows), lengths.max()), pad_id, np.int32)
+        for padded_row, row in zip(ids, rows):
+            padded_row[:row.size] = row
     ids = np.asarray(ids)
     if ids.ndim == 1:
         ids = ids[None]
@@ -79,6 +81,9 @@ def prefill(model: Llama, ids, *, lengths=None, cache: KVCache | None = None, ca
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}.")
     ids, lengths = pad_batch(ids, lengths)
     batch, steps = ids.shape
+    vocab = model.config.vocab_size
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise ValueError(f"ids must be token ids in [0, {vocab}), got values in [{ids.min()}, {ids.max()}].")
     longest = int(lengths.max())
     if cache is None:
         capacity = longest if capacity is None else capacity
@@ -224,7 +229,7 @@ def generate(model: Llama, tokenizer: Tokenizer, prompts: str | Sequence[str], *
         raise ValueError("prompts is empty; give at least one prompt.")
     sampling = SamplingConfig(temperature, top_k, top_p)
     chat = chat and tokenizer.chat_template is not None
-    on_tokens = _streamer(tokenizer, len(prompts), stream) if stream else None
+    on_tokens = text_streamer(tokenizer, len(prompts), stream) if stream else None
     result = generate_ids(model, encode_prompts(tokenizer, prompts, chat), max_new_tokens=max_new_tokens,
                           sampling=sampling, stop_ids=stop_token_ids(tokenizer, stop_tokens), seed=seed,
                           chunk_size=chunk_size, pad_id=tokenizer.pad_id, on_tokens=on_tokens)
@@ -232,9 +237,10 @@ def generate(model: Llama, tokenizer: Tokenizer, prompts: str | Sequence[str], *
     return texts[0] if single else texts
 
 
-def _streamer(tokenizer: Tokenizer, batch: int, stream: Callable[[int, str], None]):
-    """Turns per-step tokens into text pieces, decoding each row's whole output so far so that
-    characters split across tokens come out whole."""
+def text_streamer(tokenizer: Tokenizer, batch: int, stream: Callable[[int, str], None]):
+    """An `on_tokens` callback for `generate_ids` that calls `stream(row, text)` with each new
+    piece of text, decoding each row's whole output so far so that characters split across tokens
+    come out whole."""
     ids = [[] for _ in range(batch)]
     shown = [""] * batch
 

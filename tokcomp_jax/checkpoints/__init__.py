@@ -41,15 +41,19 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype="float32",
     >>> model, tokenizer = tc.load("smollm2-135m-instruct", dtype="float32")  # doctest: +SKIP
     """
     dtype = resolve_dtype(dtype)
-    path = resolve_model_path(name_or_path)
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"name_or_path must be a model name or a path, got {type(name_or_path).__name__}.")
+    path = resolve_model_path(os.fspath(name_or_path))
+    # The tokenizer first: it is cheap, and a missing one should not wait for the weights to load.
     if os.path.isdir(path):
-        model = build_model(hf.read_config(path), hf.read_weights(path), dtype, source=path)
-        return model, Tokenizer.from_hf_dir(path) if load_tokenizer else None
+        config = hf.read_config(path)
+        tokenizer = Tokenizer.from_hf_dir(path) if load_tokenizer else None
+        return build_model(config, hf.read_weights(path), dtype, source=path), tokenizer
     if not path.endswith(".gguf"):
         raise CheckpointError(f"{path} is neither a .gguf file nor a Hugging Face directory.")
     gguf_file = GGUFFile(path)
-    model = build_model(gguf_file.config, gguf_file.weights(), dtype, source=path)
-    return model, Tokenizer.from_gguf(gguf_file) if load_tokenizer else None
+    tokenizer = Tokenizer.from_gguf(gguf_file) if load_tokenizer else None
+    return build_model(gguf_file.config, gguf_file.weights(), dtype, source=path), tokenizer
 
 
 __all__ = ["load", "resolve_model_path", "Tokenizer", "CheckpointError", "KNOWN_MODELS", "DEFAULT_MODEL"]

@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 
 from tokcomp_jax.checkpoints.weights import CheckpointError
-from tokcomp_jax.models.config import ModelConfig
+from tokcomp_jax.models.config import ModelConfig, RopeScaling
 
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -57,34 +57,71 @@ class GGUFFile:
 
     def metadata(self, key: str, default: Any = None) -> Any:
         field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
+        if field is None:
+            return default
+        try:
+            return field.contents()
+        except Exception as e:  # e.g. UnicodeDecodeError on a damaged string
+            raise CheckpointError(f"{self.path}: metadata {key!r} is corrupt ({e}).") from e
 
     def _config(self) -> ModelConfig:
         arch = self.architecture
         get = lambda k, d=None: self.metadata(f"{arch}.{k}", d)
+
+        def require(key: str) -> int:
+            value = get(key)
+            if value is None:
+                raise CheckpointError(f"{self.path} lacks the metadata key {arch}.{key!r}.")
+            if not isinstance(value, int) or value <= 0:
+                raise CheckpointError(f"{self.path}: metadata {arch}.{key} must be a positive integer, got {value!r}.")
+            return value
+
         names = {t.name for t in self.reader.tensors}
         if "rope_freqs.weight" in names:
             raise CheckpointError(f"{self.path}: GGUF rope_freqs (Llama 3.1 scaling) is not supported; "
                                   "load the Hugging Face directory of this model instead.")
-        num_heads = get("attention.head_count")
-        hidden = get("embedding_length")
-        tokens = self.metadata("tokenizer.ggml.tokens", [])
-        return ModelConfig(
-            architecture=arch,
-            vocab_size=get("vocab_size") or len(tokens),
-            hidden_size=hidden,
-            intermediate_size=get("feed_forward_length"),
-            num_layers=get("block_count"),
-            num_heads=num_heads,
-            num_kv_heads=get("attention.head_count_kv") or num_heads,
-            head_dim=get("attention.key_length") or hidden // num_heads,
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
-            max_position_embeddings=get("context_length", 8192),
-            tie_word_embeddings="output.weight" not in names,
-            qkv_bias=arch == "qwen2",
-            qk_norm=arch == "qwen3",
-        )
+        num_heads = require("attention.head_count")
+        hidden = require("embedding_length")
+        head_dim = get("attention.key_length") or hidden // num_heads
+        rope_dims = get("rope.dimension_count")
+        if rope_dims is not None and rope_dims != head_dim:
+            raise CheckpointError(f"{self.path}: partial RoPE ({arch}.rope.dimension_count={rope_dims} of "
+                                  f"head_dim {head_dim}) is not supported.")
+        vocab_size = get("vocab_size") or len(self.metadata("tokenizer.ggml.tokens", []))
+        if not vocab_size:
+            raise CheckpointError(f"{self.path} has neither {arch}.vocab_size nor tokenizer.ggml.tokens.")
+        try:
+            return ModelConfig(
+                architecture=arch,
+                vocab_size=vocab_size,
+                hidden_size=hidden,
+                intermediate_size=require("feed_forward_length"),
+                num_layers=require("block_count"),
+                num_heads=num_heads,
+                num_kv_heads=get("attention.head_count_kv") or num_heads,
+                head_dim=head_dim,
+                rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+                rope_theta=float(get("rope.freq_base", 10000.0)),
+                rope_scaling=self._rope_scaling(),
+                max_position_embeddings=get("context_length", 8192),
+                tie_word_embeddings="output.weight" not in names,
+                # llama.cpp loads these biases when the file has them (Qwen2 always has q/k/v ones).
+                qkv_bias="blk.0.attn_q.bias" in names,
+                o_bias="blk.0.attn_output.bias" in names,
+                mlp_bias="blk.0.ffn_up.bias" in names,
+                qk_norm=arch == "qwen3",
+            )
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{self.path}: invalid model metadata: {e}") from e
+
+    def _rope_scaling(self) -> RopeScaling:
+        kind = self.metadata(f"{self.architecture}.rope.scaling.type", "none")
+        factor = self.metadata(f"{self.architecture}.rope.scaling.factor")
+        if kind == "none" or (kind == "linear" and factor in (None, 1.0)):
+            return RopeScaling()
+        if kind == "linear":
+            return RopeScaling(rope_type="linear", factor=float(factor))
+        raise CheckpointError(f"{self.path}: RoPE scaling {kind!r} is not supported (none and linear are).")
 
     def weights(self) -> Iterator[tuple[str, np.ndarray]]:
         """Dequantized float32 tensors with HF names; llama.cpp's Q/K row permutation undone."""
@@ -93,15 +130,24 @@ class GGUFFile:
             name = _hf_name(t.name)
             if name is None:
                 raise CheckpointError(f"{self.path}: unexpected tensor {t.name!r}.")
-            array = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-            if self.architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            try:
+                array = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+            except (NotImplementedError, ValueError) as e:
+                raise CheckpointError(f"{self.path}: cannot read tensor {t.name!r} of type "
+                                      f"{t.tensor_type.name}: {e}") from e
+            if self.architecture == "llama" and name.endswith(
+                    ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
                 heads = c.num_heads if "q_proj" in name else c.num_kv_heads
+                if array.shape[0] % (2 * heads):
+                    raise CheckpointError(f"{self.path}: tensor {t.name!r} has shape {array.shape}, "
+                                          f"which does not split into {heads} heads.")
                 array = unpermute_rope_rows(array, heads)
             yield name, array
 
 
 def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    """Inverts llama.cpp's interleaving of the rotary halves in each head's rows of Wq / Wk."""
+    """Inverts llama.cpp's interleaving of the rotary halves in each head's rows of Wq / Wk (or of
+    the q / k biases: llama.cpp's converter permutes those too)."""
     rows = weight.shape[0]
     return (weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
             .swapaxes(1, 2).reshape(weight.shape))

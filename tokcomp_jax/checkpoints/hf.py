@@ -26,14 +26,25 @@ def _read_json(path: str) -> dict:
 
 def read_config(directory: str) -> ModelConfig:
     """Reads `config.json` into a `ModelConfig`."""
-    return ModelConfig.from_hf(_read_json(os.path.join(directory, "config.json")))
+    path = os.path.join(directory, "config.json")
+    hf_config = _read_json(path)
+    if not isinstance(hf_config, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object.")
+    try:
+        return ModelConfig.from_hf(hf_config)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
 
 
 def safetensors_files(directory: str) -> list[str]:
     """The weight files of a checkpoint: the shards named by the index, or `model.safetensors`."""
     index_path = os.path.join(directory, INDEX_FILE)
     if os.path.isfile(index_path):
-        names = sorted(set(_read_json(index_path).get("weight_map", {}).values()))
+        weight_map = _read_json(index_path)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index_path} has no weight_map of tensor names to file names.")
+        names = sorted(set(weight_map.values()))
         if not names:
             raise CheckpointError(f"{index_path} has an empty weight_map.")
     else:
@@ -41,7 +52,11 @@ def safetensors_files(directory: str) -> list[str]:
     files = [os.path.join(directory, n) for n in names]
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
-        raise CheckpointError(f"weight file(s) missing from {directory}: {', '.join(map(os.path.basename, missing))}.")
+        hint = ""
+        if any(os.path.isfile(os.path.join(directory, n)) for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+            hint = " (only .safetensors weights load; this directory has PyTorch .bin files)"
+        raise CheckpointError(
+            f"weight file(s) missing from {directory}: {', '.join(map(os.path.basename, missing))}{hint}.")
     return files
 
 

@@ -79,11 +79,21 @@ class Tokenizer:
         if meta("tokenizer.ggml.model") != "gpt2":
             raise CheckpointError(
                 f"{gguf_file.path}: tokenizer model {meta('tokenizer.ggml.model')!r} is not supported "
-                "(byte-level BPE, 'gpt2', is).")
-        tokens = meta("tokenizer.ggml.tokens")
-        merges = [tuple(m.split(" ", 1)) for m in meta("tokenizer.ggml.merges")]
-        backend = tokenizers.Tokenizer(tokenizers.models.BPE(
-            {t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+                "(byte-level BPE, 'gpt2', is); pass load_tokenizer=False to load the weights alone.")
+        tokens, merges = meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.merges")
+        if not tokens or merges is None:
+            raise CheckpointError(
+                f"{gguf_file.path} lacks tokenizer.ggml.tokens or tokenizer.ggml.merges; "
+                "pass load_tokenizer=False to load the weights alone.")
+        merges = [tuple(m.split(" ", 1)) for m in merges]
+        try:
+            if any(len(m) != 2 for m in merges):
+                raise ValueError("a merge is not two tokens separated by a space")
+            backend = tokenizers.Tokenizer(tokenizers.models.BPE(
+                {t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+        except Exception as e:  # the tokenizers library raises bare Exceptions
+            raise CheckpointError(f"{gguf_file.path}: the tokenizer metadata is inconsistent ({e}); "
+                                  "pass load_tokenizer=False to load the weights alone.") from e
         pre = meta("tokenizer.ggml.pre", "gpt2")
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre not in _SPLIT_PATTERNS)
         if pre in _SPLIT_PATTERNS:

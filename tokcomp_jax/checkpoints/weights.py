@@ -44,18 +44,30 @@ def build_model(config: ModelConfig, weights: Iterable[tuple[str, np.ndarray]], 
     abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     params = dict(nnx.to_flat_state(state))
-    filled = set()
+    filled, unexpected = set(), []
     for name, array in weights:
         path, transpose = _param_path(name)
         if path not in params:
-            continue  # e.g. rotary inv_freq buffers, or lm_head.weight of a tied model
-        array = array.T if transpose else array
-        expected = params[path].get_value().shape
-        if tuple(array.shape) != tuple(expected):
+            # Rotary inv_freq buffers and a tied model's copy of the embeddings carry nothing we
+            # need; anything else (a bias, a layer the config lacks) means config and weights disagree.
+            if not (name.endswith("rotary_emb.inv_freq") or
+                    (name == "lm_head.weight" and config.tie_word_embeddings)):
+                unexpected.append(name)
+            continue
+        if path in filled:
+            raise CheckpointError(f"{source}: tensor {name!r} is given twice.")
+        expected = tuple(params[path].get_value().shape)
+        expected = expected[::-1] if transpose else expected  # in the checkpoint's [out, in] layout
+        if tuple(array.shape) != expected:
             raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {tuple(array.shape)}, the config implies {tuple(expected)}.")
+                f"{source}: tensor {name!r} has shape {tuple(array.shape)}, the config implies {expected}.")
+        array = array.T if transpose else array
         params[path].set_value(jnp.asarray(array, dtype))
         filled.add(path)
+    if unexpected:
+        raise CheckpointError(
+            f"{source} has {len(unexpected)} tensors that the config does not use, e.g. {unexpected[:3]}; "
+            "the weights and the config disagree.")
     missing = sorted(".".join(map(str, p)) for p in set(params) - filled)
     if missing:
         raise CheckpointError(f"{source} lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}.")

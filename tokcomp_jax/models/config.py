@@ -84,7 +84,18 @@ class ModelConfig:
                 f"config.json has model_type {model_type!r}; tokcomp_jax supports "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)}."
             )
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads")
+        missing = [k for k in required if hf.get(k) is None]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(map(repr, missing))}.")
+        wrong = [k for k in required + ("num_key_value_heads", "head_dim")
+                 if hf.get(k) is not None and (not isinstance(hf[k], int) or isinstance(hf[k], bool))]
+        if wrong:
+            raise ValueError(f"config.json: {', '.join(f'{k}={hf[k]!r}' for k in wrong)} must be integers.")
         num_heads = hf["num_attention_heads"]
+        if num_heads <= 0:
+            raise ValueError(f"num_attention_heads must be positive, got {num_heads}.")
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         qkv_bias = {"qwen2": True}.get(model_type, bool(hf.get("attention_bias", False)))
         o_bias = model_type not in ("qwen2",) and bool(hf.get("attention_bias", False))

@@ -1,0 +1,183 @@
+"""Prefill, decode, the KV cache and sampling on a tiny random model, against a dense oracle:
+the model run once over each row's whole sequence."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tokcomp_jax as tc
+from tokcomp_jax.sampling import SamplingConfig, sample
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tc.testing.tiny_llama(seed=1)
+
+
+def _full_logits(model, ids):
+    logits, _ = tc.prefill(model, [ids], all_logits=True)
+    return np.asarray(logits[0])
+
+
+def test_cached_decode_equals_full_forward_over_32_steps(model):
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 64, n).tolist() for n in (5, 11, 1)]
+    continuation = rng.integers(0, 64, (3, 33)).tolist()
+    logits, cache = tc.prefill(model, prompts, capacity=48)
+    steps = [np.asarray(logits)]
+    for t in range(32):
+        logits, cache = tc.decode(model, [row[t] for row in continuation], cache)
+        steps.append(np.asarray(logits))
+    steps = np.stack(steps, axis=1)  # [B, 33, V]
+    for row, prompt in enumerate(prompts):
+        full = _full_logits(model, prompt + continuation[row][:32])
+        np.testing.assert_allclose(steps[row], full[len(prompt) - 1:], atol=1e-4, rtol=0)
+    assert cache.num_seen.tolist() == [len(p) + 32 for p in prompts]
+    assert np.asarray(cache.lengths)[:, :, 0].tolist() == [[len(p) + 32 for p in prompts]] * 2
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 16])
+def test_chunked_prefill_equals_one_shot(model, chunk_size):
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 64, n).tolist() for n in (13, 7, 16)]
+    one_logits, one_cache = tc.prefill(model, prompts, all_logits=True, chunk_size=512)
+    logits, cache = tc.prefill(model, prompts, all_logits=True, chunk_size=chunk_size)
+    for row, prompt in enumerate(prompts):
+        n = len(prompt)
+        np.testing.assert_allclose(logits[row, :n], one_logits[row, :n], atol=1e-5, rtol=0)
+        for layer, one_layer in zip(cache.layers, one_cache.layers):
+            np.testing.assert_allclose(layer.keys[row, :, :n], one_layer.keys[row, :, :n], atol=1e-5)
+            np.testing.assert_allclose(layer.values[row, :, :n], one_layer.values[row, :, :n], atol=1e-5)
+            assert layer.positions[row, :, :n].tolist() == [list(range(n))] * 2
+            assert layer.lengths[row].tolist() == [n, n]
+    last, _ = tc.prefill(model, prompts, chunk_size=chunk_size)
+    np.testing.assert_allclose(last, [one_logits[r, len(p) - 1] for r, p in enumerate(prompts)], atol=1e-5)
+
+
+def test_prefill_continues_a_filled_cache(model):
+    """Prefill on top of a cache (e.g. a question after a context) equals prefilling both at once."""
+    context, question = list(range(10)), [20, 21, 22, 23]
+    _, cache = tc.prefill(model, [context], capacity=16)
+    logits, cache = tc.prefill(model, [question], cache=cache, all_logits=True)
+    np.testing.assert_allclose(logits[0], _full_logits(model, context + question)[10:], atol=1e-5)
+    assert cache.positions[0][0, 0, :14].tolist() == list(range(14))
+
+
+def test_gqa_ratios_and_sliding_window_against_dense_oracle():
+    """Single-head reference attention written with explicit loops (group size 1, 2 and 4)."""
+    for heads, kv_heads, window in [(4, 4, None), (4, 2, None), (4, 1, 3)]:
+        rng = np.random.default_rng(0)
+        q = rng.normal(size=(1, 6, heads, 8)).astype(np.float32)
+        layer = tc.LayerCache.empty(1, kv_heads, 8, 8).append(
+            jnp.asarray(rng.normal(size=(1, kv_heads, 6, 8)), jnp.float32),
+            jnp.asarray(rng.normal(size=(1, kv_heads, 6, 8)), jnp.float32),
+            jnp.arange(6)[None], jnp.array([6]))
+        out = tc.attention.attend(jnp.asarray(q), layer, jnp.arange(6)[None], sliding_window=window)
+        keys, values = np.asarray(layer.keys[0]), np.asarray(layer.values[0])
+        for t in range(6):
+            for h in range(heads):
+                kv = h // (heads // kv_heads)
+                visible = [s for s in range(6) if s <= t and (window is None or s > t - window)]
+                scores = keys[kv, visible] @ q[0, t, h] / np.sqrt(8)
+                probs = np.exp(scores - scores.max())
+                expected = (probs / probs.sum()) @ values[kv, visible]
+                np.testing.assert_allclose(out[0, t, h], expected, atol=1e-5)
+
+
+def test_layer_cache_append_is_ragged_per_head_and_drops_overflow():
+    layer = tc.LayerCache.empty(batch=1, num_kv_heads=2, capacity=4, head_dim=1)
+    layer = dataclasses.replace(layer, lengths=jnp.array([[1, 3]], jnp.int32))
+    new = jnp.array([[[[10.], [11.]], [[20.], [21.]]]])  # [B=1, Hkv=2, T=2, D=1]
+    layer = layer.append(new, new, jnp.array([[7, 8]]), jnp.array([2]))
+    assert layer.keys[0, 0, :, 0].tolist() == [0, 10, 11, 0]
+    assert layer.keys[0, 1, :, 0].tolist() == [0, 0, 0, 20]  # the 5th entry of head 1 is dropped
+    assert layer.positions[0].tolist() == [[-1, 7, 8, -1], [-1, -1, -1, 7]]
+    assert layer.lengths.tolist() == [[3, 5]]
+
+
+def test_kv_cache_is_a_pytree_that_jits_and_vmaps():
+    cache = tc.KVCache.empty(num_layers=3, batch=2, num_kv_heads=2, capacity=[8, 4, 2], head_dim=4)
+    doubled = jax.jit(lambda c: jax.tree.map(lambda x: x * 2, c))(cache)
+    assert isinstance(doubled, tc.KVCache) and doubled.capacities == (8, 4, 2)
+    per_row = jax.vmap(lambda c: c.nbytes and c.layers[0].keys.sum())(cache)
+    assert per_row.shape == (2,)
+    expected = sum(2 * 2 * c * 4 * 4 * 2 + 2 * 2 * c * 4 + 2 * 2 * 4 for c in (8, 4, 2)) + 2 * 4
+    assert cache.nbytes == expected
+    assert cache.lengths.shape == (3, 2, 2)
+
+
+def test_prompt_longer_than_cache_and_full_cache_are_rejected(model):
+    with pytest.raises(ValueError, match="capacity is 3"):
+        tc.prefill(model, [[1, 2, 3, 4, 5]], capacity=3)
+    _, cache = tc.prefill(model, [[1, 2, 3]], capacity=4)
+    _, cache = tc.decode(model, [4], cache)
+    with pytest.raises(ValueError, match="cache is full"):
+        tc.decode(model, [5], cache)
+    with pytest.raises(ValueError, match="cache is full"):
+        tc.prefill(model, [[1, 2]], cache=cache)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([], "non-empty"), ([[0.5, 1.5]], "integer"), (np.zeros((2, 3, 4), np.int32), "shaped"),
+    ([[1, 64]], r"\[0, 64\)"), ([[-1, 2]], r"\[0, 64\)"),
+])
+def test_bad_ids_are_rejected(model, bad, message):
+    with pytest.raises(ValueError, match=message):
+        tc.prefill(model, bad)
+
+
+def test_bad_lengths_are_rejected(model):
+    with pytest.raises(ValueError, match="lengths"):
+        tc.prefill(model, np.ones((2, 4), np.int32), lengths=[0, 4])
+
+
+def test_sampling_filters():
+    logits = jnp.log(jnp.array([[0.05, 0.5, 0.3, 0.15]] * 4000))
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    greedy = sample(logits, keys[0], SamplingConfig())
+    assert set(greedy.tolist()) == {1}
+    freq = np.bincount(sample(logits, keys[0], SamplingConfig(temperature=1.0)), minlength=4) / 4000
+    np.testing.assert_allclose(freq, [0.05, 0.5, 0.3, 0.15], atol=0.03)
+    top2 = np.bincount(sample(logits, keys[1], SamplingConfig(temperature=1.0, top_k=2)), minlength=4) / 4000
+    np.testing.assert_allclose(top2, [0, 0.5 / 0.8, 0.3 / 0.8, 0], atol=0.03)
+    # top_p=0.7: the nucleus is {0.5, 0.3} (0.5 alone is short of 0.7).
+    nucleus = np.bincount(sample(logits, keys[1], SamplingConfig(temperature=1.0, top_p=0.7)), minlength=4) / 4000
+    np.testing.assert_allclose(nucleus, [0, 0.5 / 0.8, 0.3 / 0.8, 0], atol=0.03)
+    assert set(sample(logits, keys[1], SamplingConfig(temperature=1.0, top_p=0.4)).tolist()) == {1}
+    for bad in (dict(temperature=-1), dict(top_k=-2), dict(top_p=0), dict(top_p=1.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingConfig(**bad)
+
+
+def test_generate_ids_batched_equals_one_row_at_a_time_and_stops(model):
+    prompts = [[3, 4, 5, 6, 7], [9, 8], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    batched = tc.generate_ids(model, prompts, max_new_tokens=12).tokens
+    for prompt, row in zip(prompts, batched):
+        assert tc.generate_ids(model, [prompt], max_new_tokens=12).tokens[0] == row
+    stop = batched[0][3]
+    stopped = tc.generate_ids(model, prompts, max_new_tokens=12, stop_ids=[stop]).tokens
+    for full, cut in zip(batched, stopped):
+        expected = full[:full.index(stop)] if stop in full else full
+        assert cut == expected
+    sampled = [tc.generate_ids(model, prompts, max_new_tokens=8, seed=s,
+                               sampling=SamplingConfig(temperature=1.0)).tokens for s in (0, 0, 1)]
+    assert sampled[0] == sampled[1] != sampled[2]
+
+
+def test_streaming_yields_the_same_text(smollm2):
+    model, tokenizer = smollm2
+    pieces = []
+    text = tc.generate(model, tokenizer, "Name three colors.", max_new_tokens=12,
+                       stream=lambda row, piece: pieces.append(piece))
+    assert "".join(pieces) == text and len(pieces) > 1
+
+
+def test_bfloat16_model_generates_the_same_answer():
+    model, tokenizer = tc.load("smollm2-135m-instruct", dtype="bfloat16")
+    assert model.embed_tokens.embedding.get_value().dtype == jnp.bfloat16
+    answer = tc.generate(model, tokenizer, "What is the capital of France?", max_new_tokens=10)
+    assert "Paris" in answer
+    _, cache = tc.prefill(model, tokenizer.encode("Hello there"))
+    assert cache.layers[0].keys.dtype == jnp.bfloat16

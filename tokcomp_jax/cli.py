@@ -1,0 +1,117 @@
+"""The `tokcomp-jax` command.
+
+  tokcomp-jax generate --prompt "What is the capital of France?"   answer a prompt
+  tokcomp-jax info                                                  describe a model and its cache
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import jax
+from absl import app, flags
+from flax import nnx
+
+from tokcomp_jax.checkpoints import DEFAULT_MODEL, load
+from tokcomp_jax.generation import encode_prompts, generate_ids, stop_token_ids, text_streamer
+from tokcomp_jax.sampling import SamplingConfig
+
+COMMANDS = ("generate", "info")
+
+_MODEL = flags.DEFINE_string("model", DEFAULT_MODEL, "Known model name, .gguf file or Hugging Face directory.")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter and cache dtype: float32 or bfloat16.")
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt to answer; repeat the flag for a batch.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Most tokens to generate per prompt.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample within the smallest set of this probability mass.")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed for sampling.")
+_CHAT = flags.DEFINE_bool("chat", True, "Wrap prompts in the model's chat template.")
+_CHUNK = flags.DEFINE_integer("chunk_size", 512, "Prefill chunk size in tokens.")
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _load():
+    start = time.perf_counter()
+    _log(f"Loading {_MODEL.value} ({_DTYPE.value})...")
+    model, tokenizer = load(_MODEL.value, dtype=_DTYPE.value)
+    _log(f"Loaded in {time.perf_counter() - start:.1f} s.")
+    return model, tokenizer
+
+
+def cache_bytes_per_token(model) -> int:
+    """Bytes one token adds to the full KV cache: keys, values and its position, in every layer."""
+    c = model.config
+    per_head = 2 * c.head_dim * model.dtype.itemsize + 4
+    return c.num_layers * c.num_kv_heads * per_head
+
+
+def generate_command() -> None:
+    if not _PROMPT.value:
+        raise app.UsageError("generate needs --prompt \"...\" (repeat it for a batch).")
+    sampling = SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+    model, tokenizer = _load()
+    prompts = _PROMPT.value
+    ids = encode_prompts(tokenizer, prompts, _CHAT.value and tokenizer.chat_template is not None)
+    show = text_streamer(tokenizer, 1, lambda _, text: print(text, end="", flush=True))
+    result = generate_ids(model, ids, max_new_tokens=_MAX_NEW.value, sampling=sampling,
+                          stop_ids=stop_token_ids(tokenizer, ()), seed=_SEED.value,
+                          chunk_size=_CHUNK.value, pad_id=tokenizer.pad_id,
+                          on_tokens=show if len(prompts) == 1 else None)
+    if len(prompts) == 1:
+        print()
+    else:
+        for prompt, tokens in zip(prompts, result.tokens):
+            print(f"> {prompt}\n{tokenizer.decode(tokens)}\n")
+    prompt_tokens = sum(result.prompt_lengths)
+    _log(f"prefill: {prompt_tokens} tokens in {result.prefill_seconds:.2f} s "
+         f"({prompt_tokens / result.prefill_seconds:.0f} tok/s, compilation included); "
+         f"decode: {sum(map(len, result.tokens))} tokens in {result.decode_seconds:.2f} s "
+         f"({result.tokens_per_second:.1f} tok/s); cache: {result.cache.nbytes / 2**20:.2f} MiB")
+
+
+def info_command() -> None:
+    model, tokenizer = _load()
+    c = model.config
+    params = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    rows = [
+        ("model", _MODEL.value),
+        ("architecture", c.architecture),
+        ("parameters", f"{params:,} ({params * model.dtype.itemsize / 2**20:.1f} MiB in {model.dtype.name})"),
+        ("layers", c.num_layers),
+        ("hidden size", c.hidden_size),
+        ("heads (query / KV)", f"{c.num_heads} / {c.num_kv_heads}, head_dim {c.head_dim}"),
+        ("vocabulary", c.vocab_size),
+        ("context length", c.max_position_embeddings),
+        ("cache bytes per token", f"{cache_bytes_per_token(model):,}"),
+        ("cache bytes at context length", f"{cache_bytes_per_token(model) * c.max_position_embeddings / 2**20:.1f} MiB"),
+        ("chat template", "yes" if tokenizer.chat_template else "no"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        raise app.UsageError(f"usage: tokcomp-jax {{{'|'.join(COMMANDS)}}} [--flags]; got {argv[1:]}.")
+    try:
+        {"generate": generate_command, "info": info_command}[argv[1]]()
+    except ValueError as e:  # bad input (CheckpointError included): a message, not a traceback
+        _log(f"tokcomp-jax: error: {e}")
+        sys.exit(1)
+
+
+def run() -> None:
+    """Entry point of the `tokcomp-jax` console script."""
+    flags.FLAGS.set_gnu_getopt(True)
+    flags.FLAGS.set_default("verbosity", -1)  # warnings and errors only, unless --verbosity says more
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
