@@ -30,6 +30,7 @@ def hf_smollm2():
     import torch
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
     path = tc.checkpoints.resolve_model_path(SMOLLM2)
     directory, filename = os.path.split(path)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=filename)

