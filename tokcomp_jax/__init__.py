@@ -1,8 +1,10 @@
 """tokcomp_jax: token compression for LLMs and VLMs in JAX.
 
 >>> import tokcomp_jax as tc
->>> model, tokenizer = tc.load("smollm2-135m-instruct")  # doctest: +SKIP
->>> logits, cache = tc.prefill(model, tokenizer.encode("Hello"))  # doctest: +SKIP
+>>> model = tc.testing.tiny_llama()        # tc.load("smollm2-135m-instruct") for the real model
+>>> logits, cache = tc.prefill(model, [[1, 2, 3], [4, 5]], capacity=8)
+>>> logits.shape, cache.lengths.shape, cache.positions[0].shape
+((2, 64), (2, 2, 2), (2, 2, 8))
 """
 from tokcomp_jax import testing
 from tokcomp_jax.cache import KVCache, LayerCache

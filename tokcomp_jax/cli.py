@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -110,6 +111,7 @@ def run() -> None:
     """Entry point of the `tokcomp-jax` console script."""
     flags.FLAGS.set_gnu_getopt(True)
     flags.FLAGS.set_default("verbosity", -1)  # warnings and errors only, unless --verbosity says more
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU found" on CPU/GPU
     app.run(main)
 
 

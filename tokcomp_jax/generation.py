@@ -218,10 +218,10 @@ def generate(model: Llama, tokenizer: Tokenizer, prompts: str | Sequence[str], *
     `chat=True` wraps each prompt in the model's chat template. `stream(row, text)` receives each
     new piece of text as soon as it is decoded.
 
-    >>> import tokcomp_jax as tc
-    >>> model, tokenizer = tc.load()  # doctest: +SKIP
-    >>> tc.generate(model, tokenizer, "What is the capital of France?", max_new_tokens=8)  # doctest: +SKIP
-    'The capital of France is Paris.'
+    Example (SmolLM2, greedy)::
+
+        model, tokenizer = tc.load()
+        tc.generate(model, tokenizer, "What is the capital of France?")  # 'The capital of France is Paris.'
     """
     single = isinstance(prompts, str)
     prompts = [prompts] if single else list(prompts)

@@ -38,7 +38,9 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype="float32",
     """Loads a model and its tokenizer from a known name, a `.gguf` file or an HF directory.
 
     >>> import tokcomp_jax as tc
-    >>> model, tokenizer = tc.load("smollm2-135m-instruct", dtype="float32")  # doctest: +SKIP
+    >>> model, tokenizer = tc.load("smollm2-135m-instruct", dtype="float32")
+    >>> model.config.num_layers, model.config.num_kv_heads, tokenizer.encode("Hello world")
+    (30, 3, [19556, 905])
     """
     dtype = resolve_dtype(dtype)
     if not isinstance(name_or_path, (str, os.PathLike)):

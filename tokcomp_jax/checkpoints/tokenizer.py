@@ -23,12 +23,7 @@ _CONTROL_TOKEN_TYPES = (3, 4)  # llama.cpp token types CONTROL and USER_DEFINED
 
 
 class Tokenizer:
-    """Text <-> ids, special tokens and the chat template of a model.
-
-    >>> tok = Tokenizer.from_gguf(gguf_file)  # doctest: +SKIP
-    >>> tok.decode(tok.encode("Hello world"))  # doctest: +SKIP
-    'Hello world'
-    """
+    """Text <-> ids, special tokens and the chat template of a model (see `tc.load`)."""
 
     def __init__(self, backend: tokenizers.Tokenizer, *, bos_id: int | None, eos_ids: Sequence[int],
                  pad_id: int | None, chat_template: str | None, add_bos: bool):
