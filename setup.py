@@ -11,7 +11,7 @@ setup(
     packages=find_packages(include=["tokcomp_jax", "tokcomp_jax.*", "pallas_kernels", "pallas_kernels.*"]),
     install_requires=[
         "jax>=0.10,<0.12",
-        "flax>=0.12,<0.13",
+        "flax>=0.12",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
         "numpy>=1.26",

@@ -1,10 +1,16 @@
 """Shared fixtures: the real SmolLM2 model (ours and transformers') and real text."""
 import importlib.util
 import os
+import tempfile
 
-import pytest
+# Share compiled XLA programs between test processes (xdist workers, CLI subprocesses): many
+# tests run SmolLM2 on the same shapes. Set before JAX is imported so that subprocesses inherit it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "tokcomp_jax_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
-import tokcomp_jax as tc
+import pytest  # noqa: E402
+
+import tokcomp_jax as tc  # noqa: E402
 
 SMOLLM2 = "smollm2-135m-instruct"
 

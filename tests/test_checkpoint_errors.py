@@ -150,9 +150,30 @@ def test_gguf_unexpected_tensors(tmp_path, tensors):
     unknown = write_llama_gguf(str(tmp_path / "u.gguf"), LLAMA_HPARAMS, tensors,
                                extra_tensors={"blk.0.ffn_gate_inp.weight": np.zeros((4, 64))})
     _expect("unexpected tensor 'blk.0.ffn_gate_inp.weight'", tc.load, unknown, load_tokenizer=False)
+    # A bias the metadata does not announce is loaded (llama.cpp reads optional biases); one on a
+    # tensor that takes none is an error naming it.
+    biased = dict(tensors, **{"model.norm.bias": np.zeros(64, np.float32)})
+    path = write_llama_gguf(str(tmp_path / "b.gguf"), LLAMA_HPARAMS, biased)
+    _expect("model.norm.bias", tc.load, path, load_tokenizer=False)
+
+
+def test_gguf_block_count_disagrees_with_tensors(tmp_path, tensors):
     extra_layer = dict(tensors, **{"model.layers.2.mlp.up_proj.weight": np.zeros((128, 64), np.float32)})
     path = write_llama_gguf(str(tmp_path / "x.gguf"), LLAMA_HPARAMS, extra_layer)
-    _expect("model.layers.2.mlp.up_proj.weight", tc.load, path, load_tokenizer=False)
+    _expect("llama.block_count is 2 but the file has tensors for 3 blocks", tc.load, path)
+    path = write_llama_gguf(str(tmp_path / "y.gguf"), {**LLAMA_HPARAMS, "num_hidden_layers": 3}, tensors)
+    _expect("llama.block_count is 3 but the file has tensors for 2 blocks", tc.load, path)
+    # A corrupt count (here 2**30 + 2) fails fast instead of building a billion-layer model.
+    path = write_llama_gguf(str(tmp_path / "z.gguf"), {**LLAMA_HPARAMS, "num_hidden_layers": 2**30 + 2}, tensors)
+    _expect("block_count is 1073741826", tc.load, path)
+
+
+def test_gguf_corrupt_metadata_string(good_gguf, tmp_path):
+    data = bytearray(open(good_gguf, "rb").read())
+    at = data.index(b"llama", 40)  # the value of general.architecture
+    data[at] = 0xC3  # a lone UTF-8 lead byte
+    path = _copy_with(good_gguf, str(tmp_path / "s.gguf"), bytes(data))
+    _expect("metadata 'general.architecture' is corrupt", tc.load, path)
 
 
 def test_gguf_unsupported_rope(tmp_path, tensors):
@@ -292,6 +313,10 @@ def test_hf_tensors_the_config_does_not_use(tmp_path, tensors):
     directory = write_hf_dir(str(tmp_path / "m"), LLAMA_HPARAMS, biased)
     message = _expect("the config does not use", tc.load, directory, load_tokenizer=False)
     assert "model.layers.0.self_attn.q_proj.bias" in message
+    # So must a layer beyond num_hidden_layers.
+    extra = dict(tensors, **{"model.layers.2.mlp.up_proj.weight": np.zeros((128, 64), np.float32)})
+    directory = write_hf_dir(str(tmp_path / "x"), LLAMA_HPARAMS, extra)
+    _expect("model.layers.2.mlp.up_proj.weight", tc.load, directory, load_tokenizer=False)
 
 
 def test_hf_missing_tokenizer(hf_dir):

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 
@@ -134,8 +135,8 @@ class KVCache:
 
     def check_room(self, new_tokens: int) -> None:
         """Raises if some (row, layer, head) cannot take `new_tokens` more entries (reads lengths)."""
-        for index, layer in enumerate(self.layers):
-            longest = int(jnp.max(layer.lengths))
+        longest_per_layer = np.asarray(self.lengths).max(axis=(1, 2))  # one device-to-host copy
+        for index, (layer, longest) in enumerate(zip(self.layers, longest_per_layer)):
             if longest + new_tokens > layer.capacity:
                 raise ValueError(
                     f"the cache is full: layer {index} holds {longest} of {layer.capacity} entries and "

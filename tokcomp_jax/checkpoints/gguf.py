@@ -80,6 +80,11 @@ class GGUFFile:
         if "rope_freqs.weight" in names:
             raise CheckpointError(f"{self.path}: GGUF rope_freqs (Llama 3.1 scaling) is not supported; "
                                   "load the Hugging Face directory of this model instead.")
+        num_layers = require("block_count")
+        blocks = {int(n.split(".")[1]) for n in names if n.startswith("blk.") and n.split(".")[1].isdigit()}
+        if len(blocks) != num_layers or max(blocks, default=-1) != num_layers - 1:  # i.e. not 0..n-1
+            raise CheckpointError(f"{self.path}: {arch}.block_count is {num_layers} but the file has tensors "
+                                  f"for {len(blocks)} blocks (blk.0 to blk.{max(blocks, default=-1)}).")
         num_heads = require("attention.head_count")
         hidden = require("embedding_length")
         head_dim = get("attention.key_length") or hidden // num_heads
@@ -96,7 +101,7 @@ class GGUFFile:
                 vocab_size=vocab_size,
                 hidden_size=hidden,
                 intermediate_size=require("feed_forward_length"),
-                num_layers=require("block_count"),
+                num_layers=num_layers,
                 num_heads=num_heads,
                 num_kv_heads=get("attention.head_count_kv") or num_heads,
                 head_dim=head_dim,
