@@ -32,6 +32,7 @@ setup(
             "torch==2.13.0",
             "transformers>=4.56,<5.3",
             "accelerate>=1.0,<2",
+            "kvpress==0.5.5",
         ],
     },
     entry_points={"console_scripts": ["tokcomp-jax=tokcomp_jax.cli:run"]},

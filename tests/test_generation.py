@@ -73,7 +73,7 @@ def test_gqa_ratios_and_sliding_window_against_dense_oracle():
         layer = tc.LayerCache.empty(1, kv_heads, 8, 8).append(
             jnp.asarray(rng.normal(size=(1, kv_heads, 6, 8)), jnp.float32),
             jnp.asarray(rng.normal(size=(1, kv_heads, 6, 8)), jnp.float32),
-            jnp.arange(6)[None], jnp.array([6]))
+            jnp.arange(6)[None], jnp.ones((1, 6), bool))
         out = tc.attention.attend(jnp.asarray(q), layer, jnp.arange(6)[None], sliding_window=window)
         keys, values = np.asarray(layer.keys[0]), np.asarray(layer.values[0])
         for t in range(6):
@@ -90,11 +90,16 @@ def test_layer_cache_append_is_ragged_per_head_and_drops_overflow():
     layer = tc.LayerCache.empty(batch=1, num_kv_heads=2, capacity=4, head_dim=1)
     layer = dataclasses.replace(layer, lengths=jnp.array([[1, 3]], jnp.int32))
     new = jnp.array([[[[10.], [11.]], [[20.], [21.]]]])  # [B=1, Hkv=2, T=2, D=1]
-    layer = layer.append(new, new, jnp.array([[7, 8]]), jnp.array([2]))
+    layer = layer.append(new, new, jnp.array([[7, 8]]), jnp.array([[True, True]]))
     assert layer.keys[0, 0, :, 0].tolist() == [0, 10, 11, 0]
     assert layer.keys[0, 1, :, 0].tolist() == [0, 0, 0, 20]  # the 5th entry of head 1 is dropped
     assert layer.positions[0].tolist() == [[-1, 7, 8, -1], [-1, -1, -1, 7]]
     assert layer.lengths.tolist() == [[3, 5]]
+    # Only valid tokens are written, compacted after the last entry (here the first is padding).
+    layer = tc.LayerCache.empty(batch=1, num_kv_heads=2, capacity=4, head_dim=1)
+    layer = layer.append(new, new, jnp.array([[0, 5]]), jnp.array([[False, True]]))
+    assert layer.keys[0, :, :, 0].tolist() == [[11, 0, 0, 0], [21, 0, 0, 0]]
+    assert layer.positions[0, 0].tolist() == [5, -1, -1, -1] and layer.lengths.tolist() == [[1, 1]]
 
 
 def test_kv_cache_is_a_pytree_that_jits_and_vmaps():

@@ -6,7 +6,7 @@
 >>> logits.shape, cache.lengths.shape, cache.positions[0].shape
 ((2, 64), (2, 2, 2), (2, 2, 8))
 """
-from tokcomp_jax import testing
+from tokcomp_jax import presses, testing
 from tokcomp_jax.cache import KVCache, LayerCache
 from tokcomp_jax.checkpoints import CheckpointError, Tokenizer, load
 from tokcomp_jax.generation import Generation, decode, generate, generate_ids, pad_batch, prefill
@@ -18,5 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "load", "prefill", "decode", "generate", "generate_ids", "pad_batch", "Generation",
     "KVCache", "LayerCache", "Llama", "ModelConfig", "Tokenizer", "SamplingConfig", "CheckpointError",
-    "testing",
+    "presses", "testing",
 ]

@@ -62,13 +62,15 @@ class LayerCache:
         return jnp.arange(self.capacity) < self.lengths[..., None]
 
     def append(self, keys: Float[Array, "B Hkv T D"], values: Float[Array, "B Hkv T D"],
-               positions: Int[Array, "B T"], n_valid: Int[Array, "B"]) -> "LayerCache":
-        """Writes T new entries after each (row, head)'s last one; only the first `n_valid[b]` count.
+               positions: Int[Array, "B T"], valid: Bool[Array, "B T"]) -> "LayerCache":
+        """Writes the `valid` ones of T new entries after each (row, head)'s last entry, in order.
 
         Entries past the capacity are dropped: callers size the cache (see `KVCache.check_room`).
         """
-        batch, heads, steps, _ = keys.shape
-        slots = self.lengths[:, :, None] + jnp.arange(steps, dtype=jnp.int32)  # [B, Hkv, T]
+        batch, heads, _, _ = keys.shape
+        offsets = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1  # [B, T]
+        slots = self.lengths[:, :, None] + offsets[:, None, :]  # [B, Hkv, T]
+        slots = jnp.where(valid[:, None, :], slots, self.capacity)  # invalid tokens: dropped
         rows = jnp.arange(batch)[:, None, None]
         kv_heads = jnp.arange(heads)[None, :, None]
         index = (rows, kv_heads, slots)
@@ -77,7 +79,7 @@ class LayerCache:
             keys=self.keys.at[index].set(keys.astype(self.keys.dtype), mode="drop"),
             values=self.values.at[index].set(values.astype(self.values.dtype), mode="drop"),
             positions=self.positions.at[index].set(positions, mode="drop"),
-            lengths=self.lengths + n_valid[:, None].astype(jnp.int32),
+            lengths=self.lengths + jnp.sum(valid, axis=1, dtype=jnp.int32)[:, None],
         )
 
 

@@ -14,19 +14,21 @@ from flax import nnx
 from tokcomp_jax.cache import KVCache
 from tokcomp_jax.checkpoints.tokenizer import Tokenizer
 from tokcomp_jax.models.llama import Llama
+from tokcomp_jax.presses.base import Press
 from tokcomp_jax.sampling import SamplingConfig, sample
 
 DEFAULT_CHUNK_SIZE = 512
 
 
-def _forward(graphdef, state, ids, cache, n_valid, all_logits):
-    return nnx.merge(graphdef, state)(ids, cache, n_valid, all_logits=all_logits)
+def _forward(graphdef, state, ids, cache, valid, all_logits, press=None, room=0):
+    logits, cache, _ = nnx.merge(graphdef, state)(ids, cache, valid, all_logits=all_logits, press=press, room=room)
+    return logits, cache
 
 
-_forward_jit = jax.jit(_forward, static_argnames=("graphdef", "all_logits"))
+_STATIC = ("graphdef", "all_logits", "press", "room")
+_forward_jit = jax.jit(_forward, static_argnames=_STATIC)
 # Same computation, writing the new cache into the old one's buffers (for caches we own).
-_forward_jit_donating = jax.jit(_forward, static_argnames=("graphdef", "all_logits"),
-                                donate_argnames=("cache",))
+_forward_jit_donating = jax.jit(_forward, static_argnames=_STATIC, donate_argnames=("cache",))
 
 
 def pad_batch(ids, lengths=None, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -63,13 +65,14 @@ def _padded_length(n: int, chunk_size: int) -> int:
 
 
 def prefill(model: Llama, ids, *, lengths=None, cache: KVCache | None = None, capacity: int | None = None,
-            chunk_size: int = DEFAULT_CHUNK_SIZE, all_logits: bool = False):
+            chunk_size: int = DEFAULT_CHUNK_SIZE, all_logits: bool = False, press: Press | None = None):
     """Runs the model over prompts in chunks of `chunk_size` tokens and returns (logits, cache).
 
     `ids` are token ids: one list, a list of lists of different lengths, or an `[B, S]` array with
     optional `lengths` (right padding). Tokens are appended to `cache` (a new one of `capacity`
     slots, default S, when none is given). Logits are `[B, V]` at each row's last token, or
-    `[B, S, V]` with `all_logits=True`.
+    `[B, S, V]` with `all_logits=True`. A `press` compresses each layer's cache as soon as the
+    layer has seen the whole prompt, keeping the free slots that `capacity` asked for.
 
     >>> import tokcomp_jax as tc
     >>> model = tc.testing.tiny_llama()
@@ -98,21 +101,31 @@ def prefill(model: Llama, ids, *, lengths=None, cache: KVCache | None = None, ca
             raise ValueError(f"cache holds {cache.batch_size} rows but ids has {batch}.")
         cache.check_room(longest)
         owned = False
-    padded = np.zeros((batch, _padded_length(steps, chunk_size)), np.int32)
-    chunk = min(chunk_size, padded.shape[1])
-    padded[:, :steps] = ids
+    room = min(cache.capacities) - int(np.max(cache.lengths)) - longest if press is not None else 0
+    # Rows are aligned to the end, so that every row's last tokens are in the last chunk.
+    width = _padded_length(steps, chunk_size)
+    chunk = min(chunk_size, width)
+    starts = width - lengths
+    aligned = np.zeros((batch, width), np.int32)
+    for row in range(batch):
+        aligned[row, starts[row]:] = ids[row, :lengths[row]]
+    valid = np.arange(width) >= starts[:, None]
     graphdef, state = nnx.split(model)
-    pieces, last = [], None
-    for start in range(0, padded.shape[1], chunk):
-        n_valid = np.clip(lengths - start, 0, chunk).astype(np.int32)
-        forward = _forward_jit_donating if owned else _forward_jit
-        logits, cache = forward(graphdef, state, padded[:, start:start + chunk], cache, n_valid, all_logits)
+    pieces = []
+    for start in range(0, width, chunk):
+        last_chunk = start + chunk == width
+        compresses = press is not None and last_chunk  # a smaller cache comes out: nothing to reuse
+        forward = _forward_jit_donating if owned and not compresses else _forward_jit
+        logits, cache = forward(graphdef, state, aligned[:, start:start + chunk], cache,
+                                valid[:, start:start + chunk], all_logits,
+                                press if compresses else None, room if compresses else 0)
         owned = True
-        if all_logits:
-            pieces.append(logits)
-        else:
-            last = logits if last is None else jnp.where(n_valid[:, None] > 0, logits, last)
-    return (jnp.concatenate(pieces, axis=1)[:, :steps] if all_logits else last), cache
+        pieces.append(logits)
+    if not all_logits:
+        return logits, cache
+    every = jnp.concatenate(pieces, axis=1)  # [B, width, V], rows end-aligned
+    index = np.minimum(starts[:, None] + np.arange(steps), width - 1)
+    return jnp.take_along_axis(every, jnp.asarray(index)[:, :, None], axis=1), cache
 
 
 def decode(model: Llama, tokens, cache: KVCache):
@@ -122,7 +135,7 @@ def decode(model: Llama, tokens, cache: KVCache):
         raise ValueError(f"tokens has {tokens.shape[0]} rows but the cache holds {cache.batch_size}.")
     cache.check_room(1)
     graphdef, state = nnx.split(model)
-    return _forward_jit(graphdef, state, tokens, cache, jnp.ones((tokens.shape[0],), jnp.int32), False)
+    return _forward_jit(graphdef, state, tokens, cache, jnp.ones(tokens.shape, bool), False)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
@@ -132,7 +145,7 @@ def _sample_and_decode(graphdef, state, logits, cache, key, done, stop_ids, samp
     token = sample(logits, subkey, sampling)
     done = done | jnp.isin(token, stop_ids)
     model = nnx.merge(graphdef, state)
-    logits, cache = model(token[:, None], cache, jnp.ones_like(token), all_logits=False)
+    logits, cache, _ = model(token[:, None], cache, jnp.ones((token.shape[0], 1), bool), all_logits=False)
     return token, done, logits, cache, key
 
 
@@ -154,8 +167,10 @@ class Generation:
 
 def generate_ids(model: Llama, ids, *, max_new_tokens: int = 32, sampling: SamplingConfig = SamplingConfig(),
                  stop_ids: Sequence[int] = (), seed: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 pad_id: int = 0, on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None) -> Generation:
-    """Batched generation from token ids; rows may have different lengths.
+                 pad_id: int = 0, on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None,
+                 press: Press | None = None) -> Generation:
+    """Batched generation from token ids; rows may have different lengths. A `press` compresses
+    the prompt's cache after prefill, leaving room for `max_new_tokens`.
 
     `on_tokens(tokens [B], active [B])` is called after every step (for streaming); without it the
     host checks for finished rows only every few steps, so decoding runs ahead asynchronously.
@@ -165,7 +180,7 @@ def generate_ids(model: Llama, ids, *, max_new_tokens: int = 32, sampling: Sampl
     ids, lengths = pad_batch(ids, pad_id=pad_id)
     start = time.perf_counter()
     capacity = _padded_length(int(lengths.max()), chunk_size) + max_new_tokens
-    logits, cache = prefill(model, ids, lengths=lengths, capacity=capacity, chunk_size=chunk_size)
+    logits, cache = prefill(model, ids, lengths=lengths, capacity=capacity, chunk_size=chunk_size, press=press)
     jax.block_until_ready(logits)
     prefill_seconds = time.perf_counter() - start
 
@@ -212,11 +227,11 @@ def stop_token_ids(tokenizer: Tokenizer, stop_tokens: Sequence[int | str]) -> li
 def generate(model: Llama, tokenizer: Tokenizer, prompts: str | Sequence[str], *, max_new_tokens: int = 32,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              stop_tokens: Sequence[int | str] = (), chat: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE,
-             stream: Callable[[int, str], None] | None = None) -> str | list[str]:
+             stream: Callable[[int, str], None] | None = None, press: Press | None = None) -> str | list[str]:
     """Generates a continuation of each prompt (batched); a single string gives a single string.
 
     `chat=True` wraps each prompt in the model's chat template. `stream(row, text)` receives each
-    new piece of text as soon as it is decoded.
+    new piece of text as soon as it is decoded. `press` compresses the prompt's KV cache.
 
     Example (SmolLM2, greedy)::
 
@@ -232,7 +247,7 @@ def generate(model: Llama, tokenizer: Tokenizer, prompts: str | Sequence[str], *
     on_tokens = text_streamer(tokenizer, len(prompts), stream) if stream else None
     result = generate_ids(model, encode_prompts(tokenizer, prompts, chat), max_new_tokens=max_new_tokens,
                           sampling=sampling, stop_ids=stop_token_ids(tokenizer, stop_tokens), seed=seed,
-                          chunk_size=chunk_size, pad_id=tokenizer.pad_id, on_tokens=on_tokens)
+                          chunk_size=chunk_size, pad_id=tokenizer.pad_id, on_tokens=on_tokens, press=press)
     texts = [tokenizer.decode(row) for row in result.tokens]
     return texts[0] if single else texts
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from tokcomp_jax.attention import attend
 from tokcomp_jax.cache import KVCache, LayerCache
 from tokcomp_jax.models.config import ModelConfig
 from tokcomp_jax.models.rope import apply_rope, inverse_frequencies
+from tokcomp_jax.presses.base import Observation, Press
 
 
 class RMSNorm(nnx.Module):
@@ -49,7 +50,7 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
 
     def __call__(self, x: Float[Array, "B T E"], layer: LayerCache, positions: Int[Array, "B T"],
-                 n_valid: Int[Array, "B"]) -> tuple[Float[Array, "B T E"], LayerCache]:
+                 valid: Bool[Array, "B T"]) -> tuple[Float[Array, "B T E"], LayerCache, Float[Array, "B T H D"]]:
         c = self.config
         batch, steps, _ = x.shape
         q = self.q_proj(x).reshape(batch, steps, c.num_heads, c.head_dim)
@@ -59,9 +60,9 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = inverse_frequencies(c)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        layer = layer.append(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, n_valid)
+        layer = layer.append(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, valid)
         out = attend(q, layer, positions, sliding_window=c.sliding_window)
-        return self.o_proj(out.reshape(batch, steps, c.num_heads * c.head_dim)), layer
+        return self.o_proj(out.reshape(batch, steps, c.num_heads * c.head_dim)), layer, q
 
 
 class MLP(nnx.Module):
@@ -86,18 +87,25 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config, dtype, rngs)
 
-    def __call__(self, x, layer: LayerCache, positions, n_valid):
-        attn_out, layer = self.self_attn(self.input_layernorm(x), layer, positions, n_valid)
+    def __call__(self, x, layer: LayerCache, positions, valid, press: Press | None = None,
+                 press_state=None, room: int = 0, layer_index: int = 0):
+        """The block's output and cache; `press`, if given, compresses the cache after attention."""
+        attn_input = self.input_layernorm(x)
+        attn_out, layer, queries = self.self_attn(attn_input, layer, positions, valid)
+        if press is not None:
+            obs = Observation(queries, attn_input, positions, valid, layer_index, room)
+            layer, press_state = press.compress(layer, obs, press_state)
         x = x + attn_out
-        return x + self.mlp(self.post_attention_layernorm(x)), layer
+        return x + self.mlp(self.post_attention_layernorm(x)), layer, press_state
 
 
 class Llama(nnx.Module):
     """A Llama-family causal LM over an explicit KV cache.
 
-    Calling it on `ids` `[B, T]` whose first `n_valid[b]` tokens are real (right padding) appends
-    them to `cache` at positions `cache.num_seen[b] + t` and returns their logits (all of them, or
-    each row's last valid one) with the updated cache.
+    Calling it on `ids` `[B, T]` appends the tokens marked `valid` to `cache`, at positions that
+    continue from `cache.num_seen`, and returns the logits of all T tokens, or of the last one
+    (index T-1: callers align each row's last token to the end, see `tc.prefill`), with the
+    updated cache.
     """
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -115,17 +123,22 @@ class Llama(nnx.Module):
         c = self.config
         return KVCache.empty(c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim, self.dtype)
 
-    def __call__(self, ids: Int[Array, "B T"], cache: KVCache, n_valid: Int[Array, "B"], *,
-                 all_logits: bool = True) -> tuple[Float[Array, "B T V"] | Float[Array, "B V"], KVCache]:
-        steps = ids.shape[1]
-        positions = cache.num_seen[:, None] + jnp.arange(steps, dtype=jnp.int32)
+    def __call__(self, ids: Int[Array, "B T"], cache: KVCache, valid: Bool[Array, "B T"], *,
+                 all_logits: bool = True, press: Press | None = None, press_states: tuple | None = None,
+                 room: int = 0):
+        """Returns (logits, cache, press_states). With a `press`, each layer's cache is compressed
+        right after its attention (kvpress semantics), leaving `room` free slots."""
+        positions = cache.num_seen[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
+        if press is not None and press_states is None:
+            press_states = tuple(press.init(index) for index in range(len(self.layers)))
         x = self.embed_tokens(ids)
-        layers = []
-        for block, layer in zip(self.layers, cache.layers):
-            x, layer = block(x, layer, positions, n_valid)
+        layers, states = [], []
+        for index, (block, layer) in enumerate(zip(self.layers, cache.layers)):
+            state = press_states[index] if press is not None else None
+            x, layer, state = block(x, layer, positions, valid, press, state, room, index)
             layers.append(layer)
-        x = self.norm(x)
-        if not all_logits:
-            x = x[jnp.arange(x.shape[0]), jnp.maximum(n_valid - 1, 0)]
+            states.append(state)
+        x = self.norm(x if all_logits else x[:, -1])
         logits = self.lm_head(x) if hasattr(self, "lm_head") else self.embed_tokens.attend(x)
-        return logits.astype(jnp.float32), KVCache(tuple(layers), cache.num_seen + n_valid)
+        num_seen = cache.num_seen + jnp.sum(valid, axis=1, dtype=jnp.int32)
+        return logits.astype(jnp.float32), KVCache(tuple(layers), num_seen), tuple(states) if press is not None else None

@@ -1,0 +1,13 @@
+"""KV-cache compression methods ("presses"): factories returning pure `Press` pairs.
+
+>>> import tokcomp_jax as tc
+>>> press = tc.presses.snapkv(ratio=0.5)
+>>> press is tc.presses.snapkv(ratio=0.5)  # equal presses share one compiled program
+True
+"""
+from tokcomp_jax.presses.base import Budget, Observation, Press, keep_top, scorer_press
+from tokcomp_jax.presses.knorm import knorm
+from tokcomp_jax.presses.snapkv import snapkv
+from tokcomp_jax.presses.streaming_llm import streaming_llm
+
+__all__ = ["Press", "Observation", "Budget", "keep_top", "scorer_press", "knorm", "snapkv", "streaming_llm"]
