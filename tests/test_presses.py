@@ -168,3 +168,22 @@ def test_bad_budgets_are_rejected(kwargs, message):
 def test_snapkv_needs_chunks_as_long_as_its_window(model):
     with pytest.raises(ValueError, match="window_size=64"):
         tc.prefill(model, _rows([100]), press=tc.presses.snapkv(0.5), chunk_size=32)
+
+
+def test_press_state_carries_across_prefill_chunks(model):
+    """A press that counts the tokens it observed keeps the most recent entries only if it saw
+    every chunk of every row (and the oldest otherwise)."""
+
+    def score(layer, obs, seen):
+        saw_all = (seen == layer.lengths[:, 0])[:, None, None]
+        return jnp.where(saw_all, layer.positions, -layer.positions).astype(jnp.float32)
+
+    def observe(seen, layer, obs):
+        return seen + jnp.sum(obs.valid, axis=1)
+
+    press = tc.presses.scorer_press(score, Budget(tokens=4), observe=observe,
+                                    init=lambda layer, index: jnp.zeros(layer.lengths.shape[0], jnp.int32))
+    rows = _rows([30, 9, 21])
+    _, cache = tc.prefill(model, rows, press=press, chunk_size=8)
+    for index, row in enumerate(rows):
+        assert _kept(cache, index)[1] == [list(range(len(row) - 4, len(row)))] * 2

@@ -20,12 +20,13 @@ from tokcomp_jax.sampling import SamplingConfig, sample
 DEFAULT_CHUNK_SIZE = 512
 
 
-def _forward(graphdef, state, ids, cache, valid, all_logits, press=None, room=0):
-    logits, cache, _ = nnx.merge(graphdef, state)(ids, cache, valid, all_logits=all_logits, press=press, room=room)
-    return logits, cache
+def _forward(graphdef, state, ids, cache, valid, all_logits, press=None, press_states=None, room=0,
+             last_chunk=True):
+    return nnx.merge(graphdef, state)(ids, cache, valid, all_logits=all_logits, press=press,
+                                      press_states=press_states, room=room, last_chunk=last_chunk)
 
 
-_STATIC = ("graphdef", "all_logits", "press", "room")
+_STATIC = ("graphdef", "all_logits", "press", "room", "last_chunk")
 _forward_jit = jax.jit(_forward, static_argnames=_STATIC)
 # Same computation, writing the new cache into the old one's buffers (for caches we own).
 _forward_jit_donating = jax.jit(_forward, static_argnames=_STATIC, donate_argnames=("cache",))
@@ -111,14 +112,14 @@ def prefill(model: Llama, ids, *, lengths=None, cache: KVCache | None = None, ca
         aligned[row, starts[row]:] = ids[row, :lengths[row]]
     valid = np.arange(width) >= starts[:, None]
     graphdef, state = nnx.split(model)
-    pieces = []
+    pieces, press_states = [], None
     for start in range(0, width, chunk):
         last_chunk = start + chunk == width
         compresses = press is not None and last_chunk  # a smaller cache comes out: nothing to reuse
         forward = _forward_jit_donating if owned and not compresses else _forward_jit
-        logits, cache = forward(graphdef, state, aligned[:, start:start + chunk], cache,
-                                valid[:, start:start + chunk], all_logits,
-                                press if compresses else None, room if compresses else 0)
+        logits, cache, press_states = forward(graphdef, state, aligned[:, start:start + chunk], cache,
+                                              valid[:, start:start + chunk], all_logits, press, press_states,
+                                              room, last_chunk)
         owned = True
         pieces.append(logits)
     if not all_logits:
@@ -135,7 +136,8 @@ def decode(model: Llama, tokens, cache: KVCache):
         raise ValueError(f"tokens has {tokens.shape[0]} rows but the cache holds {cache.batch_size}.")
     cache.check_room(1)
     graphdef, state = nnx.split(model)
-    return _forward_jit(graphdef, state, tokens, cache, jnp.ones(tokens.shape, bool), False)
+    logits, cache, _ = _forward_jit(graphdef, state, tokens, cache, jnp.ones(tokens.shape, bool), False)
+    return logits, cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))

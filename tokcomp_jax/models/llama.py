@@ -50,7 +50,9 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
 
     def __call__(self, x: Float[Array, "B T E"], layer: LayerCache, positions: Int[Array, "B T"],
-                 valid: Bool[Array, "B T"]) -> tuple[Float[Array, "B T E"], LayerCache, Float[Array, "B T H D"]]:
+                 valid: Bool[Array, "B T"]) -> tuple[Float[Array, "B T E"], LayerCache, tuple]:
+        """The attention output, the cache with the chunk appended, and the chunk's queries with
+        and without RoPE."""
         c = self.config
         batch, steps, _ = x.shape
         q = self.q_proj(x).reshape(batch, steps, c.num_heads, c.head_dim)
@@ -59,10 +61,10 @@ class Attention(nnx.Module):
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = inverse_frequencies(c)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        rotated_q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         layer = layer.append(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, valid)
-        out = attend(q, layer, positions, sliding_window=c.sliding_window)
-        return self.o_proj(out.reshape(batch, steps, c.num_heads * c.head_dim)), layer, q
+        out = attend(rotated_q, layer, positions, sliding_window=c.sliding_window)
+        return self.o_proj(out.reshape(batch, steps, c.num_heads * c.head_dim)), layer, (rotated_q, q)
 
 
 class MLP(nnx.Module):
@@ -88,12 +90,13 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, dtype, rngs)
 
     def __call__(self, x, layer: LayerCache, positions, valid, press: Press | None = None,
-                 press_state=None, room: int = 0, layer_index: int = 0):
+                 press_state=None, room: int = 0, layer_index: int = 0, last_chunk: bool = True):
         """The block's output and cache; `press`, if given, compresses the cache after attention."""
         attn_input = self.input_layernorm(x)
-        attn_out, layer, queries = self.self_attn(attn_input, layer, positions, valid)
+        attn_out, layer, (queries, pre_rope_queries) = self.self_attn(attn_input, layer, positions, valid)
         if press is not None:
-            obs = Observation(queries, attn_input, positions, valid, layer_index, room)
+            obs = Observation(queries, pre_rope_queries, attn_input, positions, valid, layer_index, room,
+                              last_chunk, inverse_frequencies(self.self_attn.config))
             layer, press_state = press.compress(layer, obs, press_state)
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x)), layer, press_state
@@ -125,17 +128,18 @@ class Llama(nnx.Module):
 
     def __call__(self, ids: Int[Array, "B T"], cache: KVCache, valid: Bool[Array, "B T"], *,
                  all_logits: bool = True, press: Press | None = None, press_states: tuple | None = None,
-                 room: int = 0):
-        """Returns (logits, cache, press_states). With a `press`, each layer's cache is compressed
-        right after its attention (kvpress semantics), leaving `room` free slots."""
+                 room: int = 0, last_chunk: bool = True):
+        """Returns (logits, cache, press_states). With a `press`, each layer's cache goes through
+        it right after the layer's attention (kvpress semantics); `press_states` (one per layer,
+        from `press.init` when None) carry what it observed in earlier chunks."""
         positions = cache.num_seen[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
         if press is not None and press_states is None:
-            press_states = tuple(press.init(index) for index in range(len(self.layers)))
+            press_states = tuple(press.init(layer, index) for index, layer in enumerate(cache.layers))
         x = self.embed_tokens(ids)
         layers, states = [], []
         for index, (block, layer) in enumerate(zip(self.layers, cache.layers)):
             state = press_states[index] if press is not None else None
-            x, layer, state = block(x, layer, positions, valid, press, state, room, index)
+            x, layer, state = block(x, layer, positions, valid, press, state, room, index, last_chunk)
             layers.append(layer)
             states.append(state)
         x = self.norm(x if all_logits else x[:, -1])

@@ -22,25 +22,29 @@ from tokcomp_jax.cache import LayerCache
 class Observation(NamedTuple):
     """What a press may look at for one layer, after the layer's attention ran on a chunk.
 
-    queries: `[B, T, H, D]` the chunk's queries (RoPE applied); hidden_states: `[B, T, E]` the
-    attention's input; positions / valid: `[B, T]` each token's position and whether it is a real
-    token (rows are aligned to the end: a row's last tokens are the chunk's last ones);
-    layer_index: which layer; room: cache slots to leave free after compression.
+    queries / pre_rope_queries: `[B, T, H, D]` the chunk's queries with and without RoPE;
+    hidden_states: `[B, T, E]` the attention's input; positions / valid: `[B, T]` each token's
+    position and whether it is a real token (rows are aligned to the end: a row's last tokens are
+    the chunk's last ones); layer_index; room: cache slots to leave free after compression;
+    last_chunk: whether this chunk ends the prompt; inv_freq: `[D / 2]` RoPE frequencies.
     """
 
     queries: Float[Array, "B T H D"]
+    pre_rope_queries: Float[Array, "B T H D"]
     hidden_states: Float[Array, "B T E"]
     positions: Int[Array, "B T"]
     valid: Bool[Array, "B T"]
     layer_index: int
     room: int
+    last_chunk: bool
+    inv_freq: np.ndarray
 
 
 class Press(NamedTuple):
-    """A compression method, optax-style: `init(layer_index) -> state` and
-    `compress(layer, obs, state, **extra) -> (layer, state)`."""
+    """A compression method, optax-style: `init(layer, layer_index) -> state` and
+    `compress(layer, obs, state, **extra) -> (layer, state)`, called on every prefill chunk."""
 
-    init: Callable[[int], Any]
+    init: Callable[[LayerCache, int], Any]
     compress: Callable[..., tuple[LayerCache, Any]]
 
 
@@ -97,20 +101,27 @@ def keep_top(layer: LayerCache, scores: Float[Array, "B Hkv C"], n_kept: Int[Arr
                       positions=take(layer.positions, -1), lengths=n_kept.astype(jnp.int32))
 
 
-Scorer = Callable[[LayerCache, Observation], Float[Array, "B Hkv C"]]
+Scorer = Callable[[LayerCache, Observation, Any], Float[Array, "B Hkv C"]]
 
 
-def scorer_press(score: Scorer, budget: Budget) -> Press:
-    """A press that scores the entries with `score` and keeps the best within `budget`."""
+def scorer_press(score: Scorer, budget: Budget, *, init: Callable[[LayerCache, int], Any] = lambda layer, index: None,
+                 observe: Callable[[Any, LayerCache, Observation], Any] | None = None) -> Press:
+    """A press that scores the entries with `score(layer, obs, state)` once the whole prompt is
+    in the cache, and keeps the best within `budget`. `observe(state, layer, obs)` updates the
+    state on every chunk (statistics that need all queries, e.g. accumulated attention)."""
 
     def compress(layer: LayerCache, obs: Observation, state, **extra):
         del extra
+        if observe is not None:
+            state = observe(state, layer, obs)
+        if not obs.last_chunk:
+            return layer, state
         longest = layer.capacity - obs.room  # the cache was sized for the prompt plus `room`
         capacity = budget.kept_count(longest) + obs.room
         n_kept = budget.kept(layer.lengths, longest)
-        return keep_top(layer, score(layer, obs), n_kept, capacity), state
+        return keep_top(layer, score(layer, obs, state), n_kept, capacity), state
 
-    return Press(init=lambda layer_index: None, compress=compress)
+    return Press(init=init, compress=compress)
 
 
 def press_factory(fn):

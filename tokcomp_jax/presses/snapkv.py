@@ -31,7 +31,7 @@ def snapkv(ratio: float | None = None, *, tokens: int | None = None, window_size
     if window_size < 1 or kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"window_size must be >= 1 and kernel_size odd, got {window_size}, {kernel_size}.")
 
-    def score(layer, obs):
+    def score(layer, obs, state):
         if obs.queries.shape[1] < window_size:
             raise ValueError(f"snapkv needs chunks of at least window_size={window_size} tokens; "
                              f"raise chunk_size (got chunks of {obs.queries.shape[1]}).")

@@ -14,7 +14,7 @@ def streaming_llm(ratio: float | None = None, *, tokens: int | None = None, n_si
         raise ValueError(f"n_sink must be >= 0, got {n_sink}.")
     budget = Budget(ratio, tokens)
 
-    def score(layer, obs):
+    def score(layer, obs, state):
         longest = layer.capacity - obs.room
         n_pruned = layer.lengths - budget.kept(layer.lengths, longest)  # [B, Hkv]
         position = layer.positions
