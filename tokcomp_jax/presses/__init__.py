@@ -6,8 +6,10 @@
 True
 """
 from tokcomp_jax.presses.base import Budget, Observation, Press, keep_top, scorer_press
+from tokcomp_jax.presses.compose import chain, per_layer
 from tokcomp_jax.presses.knorm import knorm
 from tokcomp_jax.presses.snapkv import snapkv
 from tokcomp_jax.presses.streaming_llm import streaming_llm
 
-__all__ = ["Press", "Observation", "Budget", "keep_top", "scorer_press", "knorm", "snapkv", "streaming_llm"]
+__all__ = ["Press", "Observation", "Budget", "keep_top", "scorer_press", "chain", "per_layer",
+           "knorm", "snapkv", "streaming_llm"]

@@ -1,5 +1,7 @@
 """StreamingLLM (Xiao et al., 2024, arXiv:2309.17453): keep the first `n_sink` tokens and the
 most recent ones."""
+import jax.numpy as jnp
+
 from tokcomp_jax.presses.base import Budget, Press, press_factory, scorer_press
 
 
@@ -17,8 +19,9 @@ def streaming_llm(ratio: float | None = None, *, tokens: int | None = None, n_si
     def score(layer, obs, state):
         longest = layer.capacity - obs.room
         n_pruned = layer.lengths - budget.kept(layer.lengths, longest)  # [B, Hkv]
-        position = layer.positions
-        keep = (position < n_sink) | (position >= n_sink + n_pruned[..., None])
-        return keep.astype("float32")
+        # Slots, not positions (as kvpress): the oldest entries still cached are the sinks.
+        slot = jnp.arange(layer.capacity)
+        keep = (slot < n_sink) | (slot >= n_sink + n_pruned[..., None])
+        return keep.astype(jnp.float32)
 
     return scorer_press(score, budget)
