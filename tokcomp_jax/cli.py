@@ -16,6 +16,7 @@ from flax import nnx
 
 from tokcomp_jax.checkpoints import DEFAULT_MODEL, load
 from tokcomp_jax.generation import encode_prompts, generate_ids, stop_token_ids, text_streamer
+from tokcomp_jax.presses import PRESSES
 from tokcomp_jax.sampling import SamplingConfig
 
 COMMANDS = ("generate", "info")
@@ -30,6 +31,8 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample within the smallest set of thi
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed for sampling.")
 _CHAT = flags.DEFINE_bool("chat", True, "Wrap prompts in the model's chat template.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 512, "Prefill chunk size in tokens.")
+_PRESS = flags.DEFINE_string("press", None, "KV-cache press applied to the prompt, e.g. snapkv (see tc.presses.PRESSES).")
+_RATIO = flags.DEFINE_float("ratio", 0.5, "Fraction of the prompt's KV-cache entries the press removes.")
 
 
 def _log(message: str) -> None:
@@ -55,6 +58,11 @@ def generate_command() -> None:
     if not _PROMPT.value:
         raise app.UsageError("generate needs --prompt \"...\" (repeat it for a batch).")
     sampling = SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+    press = None
+    if _PRESS.value is not None:
+        if _PRESS.value not in PRESSES:
+            raise ValueError(f"--press {_PRESS.value!r} is not a press; choose one of {', '.join(PRESSES)}.")
+        press = PRESSES[_PRESS.value](_RATIO.value)
     model, tokenizer = _load()
     prompts = _PROMPT.value
     ids = encode_prompts(tokenizer, prompts, _CHAT.value and tokenizer.chat_template is not None)
@@ -62,7 +70,7 @@ def generate_command() -> None:
     result = generate_ids(model, ids, max_new_tokens=_MAX_NEW.value, sampling=sampling,
                           stop_ids=stop_token_ids(tokenizer, ()), seed=_SEED.value,
                           chunk_size=_CHUNK.value, pad_id=tokenizer.pad_id,
-                          on_tokens=show if len(prompts) == 1 else None)
+                          on_tokens=show if len(prompts) == 1 else None, press=press)
     if len(prompts) == 1:
         print()
     else:

@@ -11,5 +11,8 @@ from tokcomp_jax.presses.knorm import knorm
 from tokcomp_jax.presses.snapkv import snapkv
 from tokcomp_jax.presses.streaming_llm import streaming_llm
 
-__all__ = ["Press", "Observation", "Budget", "keep_top", "scorer_press", "chain", "per_layer",
+# Presses by name (for the command line and the evaluation harness): factory(ratio) -> Press.
+PRESSES = {"streaming_llm": streaming_llm, "knorm": knorm, "snapkv": snapkv}
+
+__all__ = ["PRESSES", "Press", "Observation", "Budget", "keep_top", "scorer_press", "chain", "per_layer",
            "knorm", "snapkv", "streaming_llm"]
