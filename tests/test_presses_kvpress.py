@@ -33,3 +33,36 @@ def test_tiny_llama_keeps_what_kvpress_keeps(tiny_pair, name, ratio):
     ours_factory, theirs_class = PAIRS[name]
     theirs = kvpress_kept(hf_model, theirs_class(compression_ratio=ratio), ids, full_keys(hf_model, ids))
     assert overlap(ours_kept(model, ours_factory(ratio), ids), theirs) >= 0.99
+
+
+@pytest.fixture(scope="module")
+def kvpress_pipeline(hf_smollm2):
+    hf_model, hf_tokenizer = hf_smollm2
+    import transformers
+    return transformers.pipeline("kv-press-text-generation", model=hf_model, tokenizer=hf_tokenizer)
+
+
+@pytest.mark.parametrize("name", [None, *PAIRS])
+def test_needle_answers_match_the_kvpress_pipeline(smollm2, kvpress_pipeline, name):
+    """Question-agnostic compression of a context with a needle, then a greedy answer: the same text
+    as kvpress's `kv-press-text-generation` pipeline, with and without each press."""
+    model, tokenizer = smollm2
+    text = essay("avg.txt")[:1500]
+    context = text[:700] + " The special magic number is 48213. " + text[700:]
+    questions = ["What is the special magic number?"]
+    ours = tc.answer_questions(model, tokenizer, context, questions, max_new_tokens=12,
+                               press=PAIRS[name][0](0.5) if name else None)
+    theirs = kvpress_pipeline(context, questions=questions, max_new_tokens=12,
+                              press=PAIRS[name][1](compression_ratio=0.5) if name else None)["answers"]
+    assert ours == theirs
+    if name is None:
+        assert "48213" in ours[0]
+
+
+def test_answer_questions_batches_questions_on_one_compressed_context(smollm2):
+    model, tokenizer = smollm2
+    context = essay("avg.txt")[:1200]
+    questions = ["What is this text about?", "Who is the author?"]
+    press = tc.presses.snapkv(0.5)
+    together = tc.answer_questions(model, tokenizer, context, questions, press=press, max_new_tokens=8)
+    assert together[1] == tc.answer_questions(model, tokenizer, context, questions[1:], press=press, max_new_tokens=8)[0]

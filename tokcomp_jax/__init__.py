@@ -9,14 +9,15 @@
 from tokcomp_jax import presses, testing
 from tokcomp_jax.cache import KVCache, LayerCache
 from tokcomp_jax.checkpoints import CheckpointError, Tokenizer, load
-from tokcomp_jax.generation import Generation, decode, generate, generate_ids, pad_batch, prefill
+from tokcomp_jax.generation import (Generation, answer_questions, decode, generate, generate_ids, pad_batch,
+                                    prefill)
 from tokcomp_jax.models import Llama, ModelConfig
 from tokcomp_jax.sampling import SamplingConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "prefill", "decode", "generate", "generate_ids", "pad_batch", "Generation",
+    "load", "prefill", "decode", "generate", "generate_ids", "answer_questions", "pad_batch", "Generation",
     "KVCache", "LayerCache", "Llama", "ModelConfig", "Tokenizer", "SamplingConfig", "CheckpointError",
     "presses", "testing",
 ]

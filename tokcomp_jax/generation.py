@@ -170,9 +170,10 @@ class Generation:
 def generate_ids(model: Llama, ids, *, max_new_tokens: int = 32, sampling: SamplingConfig = SamplingConfig(),
                  stop_ids: Sequence[int] = (), seed: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  pad_id: int = 0, on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None,
-                 press: Press | None = None) -> Generation:
+                 press: Press | None = None, cache: KVCache | None = None) -> Generation:
     """Batched generation from token ids; rows may have different lengths. A `press` compresses
-    the prompt's cache after prefill, leaving room for `max_new_tokens`.
+    the prompt's cache after prefill, leaving room for `max_new_tokens`. With `cache`, the prompts
+    continue it (e.g. questions on a compressed context); it is left unchanged.
 
     `on_tokens(tokens [B], active [B])` is called after every step (for streaming); without it the
     host checks for finished rows only every few steps, so decoding runs ahead asynchronously.
@@ -181,8 +182,12 @@ def generate_ids(model: Llama, ids, *, max_new_tokens: int = 32, sampling: Sampl
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
     ids, lengths = pad_batch(ids, pad_id=pad_id)
     start = time.perf_counter()
-    capacity = _padded_length(int(lengths.max()), chunk_size) + max_new_tokens
-    logits, cache = prefill(model, ids, lengths=lengths, capacity=capacity, chunk_size=chunk_size, press=press)
+    if cache is None:
+        capacity = _padded_length(int(lengths.max()), chunk_size) + max_new_tokens
+        logits, cache = prefill(model, ids, lengths=lengths, capacity=capacity, chunk_size=chunk_size, press=press)
+    else:
+        cache.check_room(int(lengths.max()) + max_new_tokens)
+        logits, cache = prefill(model, ids, lengths=lengths, cache=cache, chunk_size=chunk_size, press=press)
     jax.block_until_ready(logits)
     prefill_seconds = time.perf_counter() - start
 
@@ -205,6 +210,43 @@ def generate_ids(model: Llama, ids, *, max_new_tokens: int = 32, sampling: Sampl
     stopped = np.isin(tokens, np.asarray(stop_ids))
     rows = [row[keep & ~halt].tolist() for row, keep, halt in zip(tokens, active, stopped)]
     return Generation(rows, cache, lengths.tolist(), prefill_seconds, time.perf_counter() - start)
+
+
+def answer_questions(model: Llama, tokenizer: Tokenizer, context: str, questions: Sequence[str], *,
+                     press: Press | None = None, max_new_tokens: int = 50, answer_prefix: str = "",
+                     chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[str]:
+    """Compresses `context` once and answers every question on the compressed cache (greedy,
+    batched), as kvpress's `kv-press-text-generation` pipeline does: the chat template's user turn
+    holds the context then the question, and only the context is compressed.
+
+    Example (SmolLM2)::
+
+        tc.answer_questions(model, tokenizer, essay, ["Who wrote it?", "When?"], press=tc.presses.snapkv(0.5))
+    """
+    context_ids, question_ids = split_context_and_questions(tokenizer, context, questions, answer_prefix)
+    room = max(map(len, question_ids)) + max_new_tokens
+    _, cache = prefill(model, [context_ids], press=press, capacity=len(context_ids) + room, chunk_size=chunk_size)
+    batch = jax.tree.map(lambda x: jnp.repeat(x, len(question_ids), axis=0), cache)
+    result = generate_ids(model, question_ids, max_new_tokens=max_new_tokens, stop_ids=tokenizer.eos_ids,
+                          chunk_size=chunk_size, pad_id=tokenizer.pad_id, cache=batch)
+    return [tokenizer.decode(tokens) for tokens in result.tokens]
+
+
+def split_context_and_questions(tokenizer: Tokenizer, context: str, questions: Sequence[str],
+                                answer_prefix: str = "") -> tuple[list[int], list[list[int]]]:
+    """Token ids of a context and of the questions that follow it, in the chat template when the
+    tokenizer has one (the question ends the user turn; the assistant turn opens)."""
+    if not questions:
+        raise ValueError("questions is empty; give at least one question.")
+    if tokenizer.chat_template:
+        separator = "#" * (len(context) + 10)  # a marker that cannot occur in the context
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": context + separator}])
+        context, suffix = prompt.split(separator)
+    else:
+        context = (tokenizer.backend.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else "") + context
+        suffix = "\n"
+    encode = functools.partial(tokenizer.encode, add_special_tokens=False)
+    return encode(context), [encode(q + suffix + answer_prefix) for q in questions]
 
 
 def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str], chat: bool) -> list[list[int]]:
