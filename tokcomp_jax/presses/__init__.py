@@ -7,12 +7,17 @@ True
 """
 from tokcomp_jax.presses.base import Budget, Observation, Press, keep_top, scorer_press
 from tokcomp_jax.presses.compose import chain, per_layer
+from tokcomp_jax.presses.keydiff import keydiff
 from tokcomp_jax.presses.knorm import knorm
+from tokcomp_jax.presses.observed_attention import h2o, observed_attention
+from tokcomp_jax.presses.random_press import random
 from tokcomp_jax.presses.snapkv import snapkv
 from tokcomp_jax.presses.streaming_llm import streaming_llm
+from tokcomp_jax.presses.tova import tova
 
 # Presses by name (for the command line and the evaluation harness): factory(ratio) -> Press.
-PRESSES = {"streaming_llm": streaming_llm, "knorm": knorm, "snapkv": snapkv}
+PRESSES = {"streaming_llm": streaming_llm, "knorm": knorm, "snapkv": snapkv, "observed_attention": observed_attention,
+           "tova": tova, "keydiff": keydiff, "random": random}
 
 __all__ = ["PRESSES", "Press", "Observation", "Budget", "keep_top", "scorer_press", "chain", "per_layer",
-           "knorm", "snapkv", "streaming_llm"]
+           "knorm", "snapkv", "streaming_llm", "observed_attention", "h2o", "tova", "keydiff", "random"]

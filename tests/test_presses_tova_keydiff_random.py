@@ -1,0 +1,187 @@
+"""TOVA, KeyDiff and random eviction: parity with kvpress 0.5.5 (the same entries kept, layer by
+layer and KV head by KV head, on the real SmolLM2 and on a tiny random Llama), batches of ragged
+rows, oracles, and the random press's determinism and uniformity."""
+import jax
+import jax.numpy as jnp
+import kvpress
+import numpy as np
+import pytest
+import scipy.stats
+
+import tokcomp_jax as tc
+from conftest import essay
+from kvpress_parity import full_keys, kvpress_kept, ours_kept, overlap, tiny_pair  # noqa: F401 (fixture)
+from tokcomp_jax.presses.base import Observation, Press
+from tokcomp_jax.presses.keydiff import keydiff
+from tokcomp_jax.presses.random_press import random
+from tokcomp_jax.presses.tova import _mean_over_heads, tova
+
+# Neither kvpress score has ties that would leave the selection to top-k's tie-breaking: TOVA's are
+# head-averaged attention probabilities (continuous; the last token alone gets max + 1) and
+# KeyDiff's are cosine similarities of distinct RoPE'd keys. The overlap tolerance only absorbs
+# float32 rounding differences between XLA and PyTorch at the selection boundary (measured: 1.0).
+PAIRS = {
+    "tova": (tova, kvpress.TOVAPress),
+    "keydiff": (keydiff, kvpress.KeyDiffPress),
+}
+PRESSES = {"tova": tova, "keydiff": keydiff, "random": random}
+LENGTHS = (40, 17, 64, 29)
+
+
+@pytest.fixture(scope="module")
+def smollm2_essay(smollm2, hf_smollm2):
+    ids = smollm2[1].encode(essay("worked.txt"))[:300]
+    return ids, full_keys(hf_smollm2[0], ids)
+
+
+@pytest.fixture(scope="module")
+def tiny_essay(tiny_pair):
+    ids = np.random.default_rng(0).integers(0, 128, 300).tolist()
+    return ids, full_keys(tiny_pair[0], ids)
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_smollm2_keeps_what_kvpress_keeps(smollm2, hf_smollm2, smollm2_essay, name):
+    ids, uncompressed = smollm2_essay
+    ours_factory, theirs_class = PAIRS[name]
+    theirs = kvpress_kept(hf_smollm2[0], theirs_class(compression_ratio=0.5), ids, uncompressed)
+    _, cache = tc.prefill(smollm2[0], [ids], press=ours_factory(0.5))  # one chunk: one compilation
+    assert overlap([[set(head) for head in layer] for layer in _kept(cache, 0)], theirs) >= 0.99
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+@pytest.mark.parametrize("ratio", [0.25, 0.75])
+def test_tiny_llama_keeps_what_kvpress_keeps(tiny_pair, tiny_essay, name, ratio):
+    hf_model, model = tiny_pair
+    ids, uncompressed = tiny_essay
+    ours_factory, theirs_class = PAIRS[name]
+    theirs = kvpress_kept(hf_model, theirs_class(compression_ratio=ratio), ids, uncompressed)
+    assert overlap(ours_kept(model, ours_factory(ratio), ids), theirs) >= 0.99
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tc.testing.tiny_llama(seed=3)
+
+
+def _rows(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 64, n).tolist() for n in lengths]
+
+
+def _kept(cache, row):
+    """Per layer and KV head, the sorted positions row `row` kept."""
+    return [[sorted(np.asarray(layer.positions[row, h, :int(layer.lengths[row, h])]).tolist())
+             for h in range(layer.lengths.shape[1])] for layer in cache.layers]
+
+
+@pytest.mark.parametrize("name", list(PRESSES))
+def test_batch_of_ragged_rows_keeps_what_each_row_keeps_alone(model, name):
+    press = PRESSES[name](0.5)
+    rows = _rows(LENGTHS)
+    _, cache = tc.prefill(model, rows, press=press, chunk_size=32)  # 40 and 64 span two chunks
+    for index, row in enumerate(rows):
+        _, alone = tc.prefill(model, [row], press=press, chunk_size=32)
+        assert _kept(cache, index) == _kept(alone, 0), f"row {index}"
+        kept = max(1, int(len(row) * 0.5))
+        assert np.asarray(cache.layers[1].lengths[index]).tolist() == [kept, kept]
+
+
+def test_tova_against_a_numpy_oracle(model):
+    """The last query's attention, averaged over all 4 query heads: the same tokens in both KV
+    heads, the last token always among them."""
+    row = _rows([30], seed=4)[0]
+    captured = {}
+    base = tova(0.5)
+
+    def spy(layer, obs, state, **extra):  # hands the layer's keys and queries to the host
+        jax.debug.callback(lambda k, q, i=obs.layer_index: captured.setdefault(i, (k, q)), layer.keys, obs.queries)
+        return base.compress(layer, obs, state, **extra)
+
+    _, small = tc.prefill(model, [row], press=Press(base.init, spy))
+    assert sorted(captured) == [0, 1]
+    for index, (layer_keys, layer_queries) in captured.items():
+        keys = np.asarray(layer_keys[0, :, :30], np.float64)  # [Hkv, S, D]
+        query = np.asarray(layer_queries[0, -1], np.float64)  # [H, D]
+        scores = np.zeros(30)
+        for h in range(4):
+            logits = keys[h // 2] @ query[h] / np.sqrt(8)
+            probs = np.exp(logits - logits.max())
+            scores += probs / probs.sum() / 4
+        expected = sorted(np.argsort(-scores[:29])[:14].tolist() + [29])
+        assert _kept(small, 0)[index] == [expected, expected]
+
+
+def test_tova_budget_of_one_keeps_the_last_token(model):
+    _, cache = tc.prefill(model, _rows([23, 9]), press=tova(tokens=1))
+    assert _kept(cache, 0) == [[[22]] * 2] * 2 and _kept(cache, 1) == [[[8]] * 2] * 2
+
+
+def test_tova_averages_heads_by_token_even_when_kv_heads_hold_different_entries():
+    """After a per-head press (e.g. in a chain) KV heads hold different tokens: each entry gets the
+    attention its token draws in every KV head that still holds it."""
+    rng = np.random.default_rng(0)
+    batch, kv_heads, capacity = 2, 3, 12
+    positions = np.full((batch, kv_heads, capacity), -1)
+    lengths = rng.integers(4, capacity + 1, (batch, kv_heads))
+    for b in range(batch):
+        for k in range(kv_heads):
+            positions[b, k, :lengths[b, k]] = np.sort(rng.choice(20, lengths[b, k], replace=False))
+    attention = rng.random((batch, kv_heads, capacity)) * (positions >= 0)
+    zeros = jnp.zeros((batch, kv_heads, capacity, 4))
+    layer = tc.LayerCache(keys=zeros, values=zeros,
+                          positions=jnp.asarray(positions, jnp.int32), lengths=jnp.asarray(lengths, jnp.int32))
+    got = np.asarray(jax.jit(_mean_over_heads, static_argnums=2)(jnp.asarray(attention, jnp.float32), layer, 6))
+    for b in range(batch):
+        by_token = {}
+        for k in range(kv_heads):
+            for c in range(lengths[b, k]):
+                by_token[positions[b, k, c]] = by_token.get(positions[b, k, c], 0.0) + attention[b, k, c]
+        for k in range(kv_heads):
+            for c in range(lengths[b, k]):
+                assert got[b, k, c] == pytest.approx(by_token[positions[b, k, c]] / 6, rel=1e-6)
+
+
+def test_random_is_deterministic_given_the_seed_and_covers_the_budget(model):
+    rows = _rows([50, 33], seed=5)
+    _, first = tc.prefill(model, rows, press=random(0.5, seed=7), chunk_size=64)
+    _, again = tc.prefill(model, rows, press=random(0.5, seed=7), chunk_size=64)
+    _, other = tc.prefill(model, rows, press=random(0.5, seed=8), chunk_size=64)
+    for row, length in enumerate((50, 33)):
+        kept = _kept(first, row)
+        assert kept == _kept(again, row)
+        assert kept != _kept(other, row)
+        assert kept[0][0] != kept[0][1] and kept[0] != kept[1]  # heads and layers draw independently
+        for layer in kept:
+            for head in layer:
+                assert len(head) == len(set(head)) == length // 2 and set(head) <= set(range(length))
+    _, small = tc.prefill(model, rows, press=random(tokens=10, seed=7), chunk_size=64)
+    assert all(len(head) == 10 for row in (0, 1) for layer in _kept(small, row) for head in layer)
+
+
+def test_random_keeps_a_uniform_random_subset():
+    """Over 1024 independent draws (256 KV heads, 4 seeds) of 32 kept out of 64: each position's
+    keep count is Binomial(1024, 1/2); with exactly 32 kept per draw, the counts' Pearson statistic
+    times (N - 1) / N is asymptotically chi-squared with N - 1 degrees of freedom. Independence of
+    the heads: the overlap of two heads' subsets is hypergeometric (mean 16)."""
+    n, kv_heads, seeds = 64, 256, 4
+    layer = tc.LayerCache(keys=jnp.zeros((1, kv_heads, n, 4)), values=jnp.zeros((1, kv_heads, n, 4)),
+                          positions=jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (1, kv_heads, n)),
+                          lengths=jnp.full((1, kv_heads), n, jnp.int32))
+    obs = Observation(queries=jnp.zeros((1, n, kv_heads, 4)), pre_rope_queries=jnp.zeros((1, n, kv_heads, 4)),
+                      hidden_states=jnp.zeros((1, n, 8)), positions=jnp.arange(n)[None], valid=jnp.ones((1, n), bool),
+                      layer_index=0, room=0, last_chunk=True, inv_freq=np.ones(2, np.float32))
+    kept = np.zeros((seeds, kv_heads, n), bool)
+    for seed in range(seeds):
+        small, _ = random(0.5, seed=seed).compress(layer, obs, None)
+        assert (np.asarray(small.lengths) == 32).all()
+        np.put_along_axis(kept[seed], np.asarray(small.positions[0]), True, axis=-1)
+    assert (kept.sum(-1) == 32).all()
+    draws, p = seeds * kv_heads, 0.5
+    counts = kept.sum(axis=(0, 1))
+    statistic = np.sum((counts - draws * p) ** 2) / (draws * p * (1 - p)) * (n - 1) / n
+    assert scipy.stats.chi2.sf(statistic, n - 1) > 1e-3
+    shared = (kept[:, 0::2] & kept[:, 1::2]).sum(-1).ravel()  # 512 disjoint pairs of heads
+    hypergeometric = scipy.stats.hypergeom(n, 32, 32)
+    z = (shared.mean() - hypergeometric.mean()) / np.sqrt(hypergeometric.var() / shared.size)
+    assert abs(z) < 4
