@@ -43,3 +43,28 @@ def hf_smollm2():
     model = transformers.AutoModelForCausalLM.from_pretrained(
         directory, gguf_file=filename, dtype=torch.float32, attn_implementation="eager")
     return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def model():
+    """A tiny random Llama (2 layers, 4 query heads on 2 KV heads) for fast tests."""
+    return tc.testing.tiny_llama(seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory):
+    """A tiny random Llama in transformers (eager attention) and the same weights in tokcomp_jax."""
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf_model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf_model.parameters():
+            p.normal_(0, 0.3)
+    directory = str(tmp_path_factory.mktemp("tiny_llama"))
+    hf_model.save_pretrained(directory)
+    return hf_model, tc.load(directory, load_tokenizer=False)[0]

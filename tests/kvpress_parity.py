@@ -1,6 +1,5 @@
 """Shared checks against kvpress: which entries it keeps, located in the uncompressed cache."""
 import numpy as np
-import pytest
 import torch
 import transformers
 
@@ -39,19 +38,3 @@ def ours_kept(model, press, ids):
 def overlap(ours, theirs):
     shared = sum(len(a & b) for la, lb in zip(ours, theirs) for a, b in zip(la, lb))
     return shared / sum(len(b) for lb in theirs for b in lb)
-
-
-@pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory):
-    """A tiny random Llama in transformers (eager attention) and the same weights in tokcomp_jax."""
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    hf_model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in hf_model.parameters():
-            p.normal_(0, 0.3)
-    directory = str(tmp_path_factory.mktemp("tiny_llama"))
-    hf_model.save_pretrained(directory)
-    return hf_model, tc.load(directory, load_tokenizer=False)[0]

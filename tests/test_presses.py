@@ -8,6 +8,7 @@ import pytest
 
 import tokcomp_jax as tc
 from tokcomp_jax.presses import Budget, keep_top
+from press_helpers import kept_positions, random_rows
 
 PRESSES = {
     "streaming_llm": tc.presses.streaming_llm,
@@ -17,30 +18,14 @@ PRESSES = {
 LENGTHS = (40, 17, 64, 29, 51, 12, 33, 60)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tc.testing.tiny_llama(seed=3)
-
-
-def _rows(lengths, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 64, n).tolist() for n in lengths]
-
-
-def _kept(cache, row):
-    """Per layer and KV head, the sorted positions row `row` kept."""
-    return [[sorted(np.asarray(layer.positions[row, h, :int(layer.lengths[row, h])]).tolist())
-             for h in range(layer.lengths.shape[1])] for layer in cache.layers]
-
-
 @pytest.mark.parametrize("name", list(PRESSES))
 def test_batch_of_ragged_rows_keeps_what_each_row_keeps_alone(model, name):
     press = PRESSES[name](0.5)
-    rows = _rows(LENGTHS)
+    rows = random_rows(LENGTHS)
     _, cache = tc.prefill(model, rows, press=press, chunk_size=16)
     for index, row in enumerate(rows):
         _, alone = tc.prefill(model, [row], press=press, chunk_size=16)
-        assert _kept(cache, index) == _kept(alone, 0), f"row {index}"
+        assert kept_positions(cache, index) == kept_positions(alone, 0), f"row {index}"
         kept = max(1, int(len(row) * 0.5))
         assert np.asarray(cache.layers[0].lengths[index]).tolist() == [kept, kept]
 
@@ -48,7 +33,7 @@ def test_batch_of_ragged_rows_keeps_what_each_row_keeps_alone(model, name):
 @pytest.mark.parametrize("name", list(PRESSES))
 @pytest.mark.parametrize("budget", [dict(ratio=0.25), dict(ratio=0.75), dict(tokens=10)])
 def test_cache_memory_follows_the_budget(model, name, budget):
-    rows = _rows(LENGTHS, seed=1)
+    rows = random_rows(LENGTHS, seed=1)
     ratio = budget.get("ratio")
     press = PRESSES[name](**({"ratio": ratio} if ratio is not None else {"tokens": budget["tokens"]}))
     _, full = tc.prefill(model, rows)
@@ -66,7 +51,7 @@ def test_cache_memory_follows_the_budget(model, name, budget):
 
 def test_kept_entries_are_the_original_ones(model):
     """Compaction moves entries without changing them: keys/values equal the full cache's."""
-    rows = _rows(LENGTHS[:3], seed=2)
+    rows = random_rows(LENGTHS[:3], seed=2)
     _, full = tc.prefill(model, rows)
     _, small = tc.prefill(model, rows, press=tc.presses.knorm(0.5))
     for layer, full_layer in zip(small.layers, full.layers):
@@ -80,13 +65,13 @@ def test_kept_entries_are_the_original_ones(model):
 
 
 def test_streaming_llm_keeps_sinks_and_the_recent_window(model):
-    _, cache = tc.prefill(model, _rows([40, 21]), press=tc.presses.streaming_llm(0.5))
-    assert _kept(cache, 0)[0][0] == [0, 1, 2, 3] + list(range(24, 40))
-    assert _kept(cache, 1)[1][1] == [0, 1, 2, 3] + list(range(15, 21))
+    _, cache = tc.prefill(model, random_rows([40, 21]), press=tc.presses.streaming_llm(0.5))
+    assert kept_positions(cache, 0)[0][0] == [0, 1, 2, 3] + list(range(24, 40))
+    assert kept_positions(cache, 1)[1][1] == [0, 1, 2, 3] + list(range(15, 21))
 
 
 def test_knorm_keeps_the_smallest_key_norms(model):
-    rows = _rows([37])
+    rows = random_rows([37])
     _, full = tc.prefill(model, rows)
     _, small = tc.prefill(model, rows, press=tc.presses.knorm(0.5))
     for layer, full_layer in zip(small.layers, full.layers):
@@ -101,7 +86,7 @@ def _kept_head(layer, h):
 
 def test_snapkv_against_a_numpy_oracle(model):
     """Window attention (last 8 queries), mean over the window, avg-pool 5, mean over the group."""
-    row = _rows([30])[0]
+    row = random_rows([30])[0]
     _, full = tc.prefill(model, [row])
     captured = {}
     base = tc.presses.snapkv(0.5, window_size=8)
@@ -131,8 +116,8 @@ def test_snapkv_against_a_numpy_oracle(model):
 
 
 def test_snapkv_budget_smaller_than_its_window_keeps_the_most_recent(model):
-    _, cache = tc.prefill(model, _rows([20]), press=tc.presses.snapkv(tokens=5, window_size=8))
-    assert _kept(cache, 0) == [[list(range(15, 20))] * 2] * 2
+    _, cache = tc.prefill(model, random_rows([20]), press=tc.presses.snapkv(tokens=5, window_size=8))
+    assert kept_positions(cache, 0) == [[list(range(15, 20))] * 2] * 2
 
 
 def test_presses_jit_and_compile_once_per_configuration(model):
@@ -150,7 +135,7 @@ def test_presses_jit_and_compile_once_per_configuration(model):
 
 
 def test_generate_with_a_press_leaves_room_for_new_tokens(model):
-    rows = _rows([30, 12])
+    rows = random_rows([30, 12])
     result = tc.generate_ids(model, rows, max_new_tokens=5, press=tc.presses.knorm(0.5))
     assert [len(t) for t in result.tokens] == [5, 5]
     assert np.asarray(result.cache.layers[0].lengths).tolist() == [[15 + 5] * 2, [6 + 5] * 2]
@@ -167,7 +152,7 @@ def test_bad_budgets_are_rejected(kwargs, message):
 
 def test_snapkv_needs_chunks_as_long_as_its_window(model):
     with pytest.raises(ValueError, match="window_size=64"):
-        tc.prefill(model, _rows([100]), press=tc.presses.snapkv(0.5), chunk_size=32)
+        tc.prefill(model, random_rows([100]), press=tc.presses.snapkv(0.5), chunk_size=32)
 
 
 def test_press_state_carries_across_prefill_chunks(model):
@@ -183,7 +168,7 @@ def test_press_state_carries_across_prefill_chunks(model):
 
     press = tc.presses.scorer_press(score, Budget(tokens=4), observe=observe,
                                     init=lambda layer, index: jnp.zeros(layer.lengths.shape[0], jnp.int32))
-    rows = _rows([30, 9, 21])
+    rows = random_rows([30, 9, 21])
     _, cache = tc.prefill(model, rows, press=press, chunk_size=8)
     for index, row in enumerate(rows):
-        assert _kept(cache, index)[1] == [list(range(len(row) - 4, len(row)))] * 2
+        assert kept_positions(cache, index)[1] == [list(range(len(row) - 4, len(row)))] * 2

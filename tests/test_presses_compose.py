@@ -3,31 +3,17 @@ import numpy as np
 import pytest
 
 import tokcomp_jax as tc
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tc.testing.tiny_llama(seed=4)
-
-
-def _rows(lengths, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 64, n).tolist() for n in lengths]
-
-
-def _kept(cache, row=0):
-    return [[sorted(np.asarray(layer.positions[row, h, :int(layer.lengths[row, h])]).tolist())
-             for h in range(layer.lengths.shape[1])] for layer in cache.layers]
+from press_helpers import kept_positions, random_rows
 
 
 def test_chain_applies_presses_in_order(model):
-    rows = _rows([40, 23])
+    rows = random_rows([40, 23])
     _, chained = tc.prefill(model, rows, press=tc.presses.chain(tc.presses.knorm(0.5), tc.presses.streaming_llm(0.5)))
     _, first = tc.prefill(model, rows, press=tc.presses.knorm(0.5))
     for row, length in enumerate((40, 23)):
-        after_knorm = _kept(first, row)
+        after_knorm = kept_positions(first, row)
         kept_after_both = max(1, int(max(1, int(length * 0.5)) * 0.5))
-        for layer_kept, layer_first in zip(_kept(chained, row), after_knorm):
+        for layer_kept, layer_first in zip(kept_positions(chained, row), after_knorm):
             for head_kept, head_first in zip(layer_kept, layer_first):
                 # StreamingLLM on what Knorm left: its 4 oldest entries, then its most recent ones.
                 recent = kept_after_both - 4
@@ -36,12 +22,12 @@ def test_chain_applies_presses_in_order(model):
 
 
 def test_per_layer_assignment(model):
-    rows = _rows([32])
+    rows = random_rows([32])
     press = tc.presses.per_layer({1: tc.presses.streaming_llm(0.75)})
     _, cache = tc.prefill(model, rows, press=press)
     assert cache.capacities == (32, 8)
-    assert _kept(cache)[0] == [list(range(32))] * 2
-    assert _kept(cache)[1] == [[0, 1, 2, 3, 28, 29, 30, 31]] * 2
+    assert kept_positions(cache)[0] == [list(range(32))] * 2
+    assert kept_positions(cache)[1] == [[0, 1, 2, 3, 28, 29, 30, 31]] * 2
     both = tc.presses.per_layer([tc.presses.knorm(0.5), None], default=tc.presses.streaming_llm(0.5))
     assert tc.prefill(model, rows, press=both)[1].capacities == (16, 32)
     assert press is tc.presses.per_layer({1: tc.presses.streaming_llm(0.75)})
@@ -57,7 +43,7 @@ def test_composition_rejects_what_is_not_a_press(bad):
 def test_one_compressed_context_serves_several_questions(model):
     """Question-agnostic compression: compress the context once, then prefill each question on it;
     the compressed cache is left untouched for the next question."""
-    context, questions = _rows([48])[0], _rows([5, 9], seed=1)
+    context, questions = random_rows([48])[0], random_rows([5, 9], seed=1)
     press = tc.presses.snapkv(0.5, window_size=8)
     _, compressed = tc.prefill(model, [context], press=press, capacity=48 + 16)
     assert compressed.capacities == (24 + 16,) * 2

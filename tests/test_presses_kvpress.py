@@ -6,7 +6,7 @@ import pytest
 
 import tokcomp_jax as tc
 from conftest import essay
-from kvpress_parity import full_keys, kvpress_kept, ours_kept, overlap, tiny_pair  # noqa: F401 (fixture)
+from kvpress_parity import full_keys, kvpress_kept, ours_kept, overlap
 
 PAIRS = {
     "streaming_llm": (tc.presses.streaming_llm, kvpress.StreamingLLMPress),
@@ -57,12 +57,3 @@ def test_needle_answers_match_the_kvpress_pipeline(smollm2, kvpress_pipeline, na
     assert ours == theirs
     if name is None:
         assert "48213" in ours[0]
-
-
-def test_answer_questions_batches_questions_on_one_compressed_context(smollm2):
-    model, tokenizer = smollm2
-    context = essay("avg.txt")[:1200]
-    questions = ["What is this text about?", "Who is the author?"]
-    press = tc.presses.snapkv(0.5)
-    together = tc.answer_questions(model, tokenizer, context, questions, press=press, max_new_tokens=8)
-    assert together[1] == tc.answer_questions(model, tokenizer, context, questions[1:], press=press, max_new_tokens=8)[0]

@@ -7,26 +7,10 @@ import pytest
 
 import tokcomp_jax as tc
 from conftest import essay
-from kvpress_parity import full_keys, kvpress_kept, ours_kept, overlap, tiny_pair  # noqa: F401 (fixture)
+from kvpress_parity import full_keys, kvpress_kept, ours_kept, overlap
 from tokcomp_jax.presses.observed_attention import h2o, mass_scores, observed_attention
+from press_helpers import RAGGED, kept_positions, random_rows
 
-RAGGED = (40, 17, 64, 29)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tc.testing.tiny_llama(seed=3)
-
-
-def _rows(lengths, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 64, n).tolist() for n in lengths]
-
-
-def _kept(cache, row):
-    """Per layer and KV head, the sorted positions row `row` kept."""
-    return [[sorted(np.asarray(layer.positions[row, h, :int(layer.lengths[row, h])]).tolist())
-             for h in range(layer.lengths.shape[1])] for layer in cache.layers]
 
 
 _CAPTURED = {}  # layer index -> [(layer, queries, positions, valid, state)] of the current spied prefill
@@ -61,7 +45,7 @@ def _spied_prefill(model, rows, chunk_size):
         layer, _, _, _, state = calls[-1]
         scores.append(np.asarray(mass_scores(state, group)))
         positions.append(np.asarray(layer.positions))
-    return [_kept(cache, row) for row in range(len(rows))], chunks, scores, positions
+    return [kept_positions(cache, row) for row in range(len(rows))], chunks, scores, positions
 
 
 def _same_selection(kept, reference, scores, positions, row, rtol=1e-5):
@@ -120,7 +104,7 @@ CHUNK_SIZES = (512, 8, 16, 64)  # 512: the whole prompt (128 wide) in one chunk;
 @pytest.fixture(scope="module")
 def chunked(model):
     """`_spied_prefill` of the same ragged rows with every chunk size."""
-    rows = _rows(CHUNKED_ROWS, seed=5)
+    rows = random_rows(CHUNKED_ROWS, seed=5)
     return rows, {chunk_size: _spied_prefill(model, rows, chunk_size) for chunk_size in CHUNK_SIZES}
 
 
@@ -156,16 +140,16 @@ def test_selection_does_not_depend_on_the_chunk_size(chunked):
 
 
 def test_batch_of_ragged_rows_keeps_what_each_row_keeps_alone(model):
-    rows = _rows(RAGGED)
+    rows = random_rows(RAGGED)
     kept, _, scores, positions = _spied_prefill(model, rows, 16)
     for index, row in enumerate(rows):
         _, alone = tc.prefill(model, [row], press=h2o(0.5), chunk_size=16)
-        _same_selection(kept[index], _kept(alone, 0), scores, positions, index)
+        _same_selection(kept[index], kept_positions(alone, 0), scores, positions, index)
         assert all(len(head) == len(row) // 2 for layer in kept[index] for head in layer)
 
 
 def test_budget_in_tokens_and_room_for_generation(model):
-    rows = _rows((30, 12))
+    rows = random_rows((30, 12))
     result = tc.generate_ids(model, rows, max_new_tokens=3, press=h2o(tokens=8))
     assert [len(t) for t in result.tokens] == [3, 3]
     assert np.asarray(result.cache.layers[0].lengths).tolist() == [[8 + 3] * 2, [8 + 3] * 2]

@@ -10,11 +10,12 @@ import scipy.stats
 
 import tokcomp_jax as tc
 from conftest import essay
-from kvpress_parity import full_keys, kvpress_kept, ours_kept, overlap, tiny_pair  # noqa: F401 (fixture)
+from kvpress_parity import full_keys, kvpress_kept, ours_kept, overlap
 from tokcomp_jax.presses.base import Observation, Press
 from tokcomp_jax.presses.keydiff import keydiff
 from tokcomp_jax.presses.random_press import random
 from tokcomp_jax.presses.tova import _mean_over_heads, tova
+from press_helpers import RAGGED, kept_positions, random_rows
 
 # Neither kvpress score has ties that would leave the selection to top-k's tie-breaking: TOVA's are
 # head-averaged attention probabilities (continuous; the last token alone gets max + 1) and
@@ -25,7 +26,7 @@ PAIRS = {
     "keydiff": (keydiff, kvpress.KeyDiffPress),
 }
 PRESSES = {"tova": tova, "keydiff": keydiff, "random": random}
-LENGTHS = (40, 17, 64, 29)
+LENGTHS = RAGGED
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_smollm2_keeps_what_kvpress_keeps(smollm2, hf_smollm2, smollm2_essay, na
     ours_factory, theirs_class = PAIRS[name]
     theirs = kvpress_kept(hf_smollm2[0], theirs_class(compression_ratio=0.5), ids, uncompressed)
     _, cache = tc.prefill(smollm2[0], [ids], press=ours_factory(0.5))  # one chunk: one compilation
-    assert overlap([[set(head) for head in layer] for layer in _kept(cache, 0)], theirs) >= 0.99
+    assert overlap([[set(head) for head in layer] for layer in kept_positions(cache, 0)], theirs) >= 0.99
 
 
 @pytest.mark.parametrize("name", list(PAIRS))
@@ -59,30 +60,14 @@ def test_tiny_llama_keeps_what_kvpress_keeps(tiny_pair, tiny_essay, name, ratio)
     assert overlap(ours_kept(model, ours_factory(ratio), ids), theirs) >= 0.99
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tc.testing.tiny_llama(seed=3)
-
-
-def _rows(lengths, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 64, n).tolist() for n in lengths]
-
-
-def _kept(cache, row):
-    """Per layer and KV head, the sorted positions row `row` kept."""
-    return [[sorted(np.asarray(layer.positions[row, h, :int(layer.lengths[row, h])]).tolist())
-             for h in range(layer.lengths.shape[1])] for layer in cache.layers]
-
-
 @pytest.mark.parametrize("name", list(PRESSES))
 def test_batch_of_ragged_rows_keeps_what_each_row_keeps_alone(model, name):
     press = PRESSES[name](0.5)
-    rows = _rows(LENGTHS)
+    rows = random_rows(LENGTHS)
     _, cache = tc.prefill(model, rows, press=press, chunk_size=32)  # 40 and 64 span two chunks
     for index, row in enumerate(rows):
         _, alone = tc.prefill(model, [row], press=press, chunk_size=32)
-        assert _kept(cache, index) == _kept(alone, 0), f"row {index}"
+        assert kept_positions(cache, index) == kept_positions(alone, 0), f"row {index}"
         kept = max(1, int(len(row) * 0.5))
         assert np.asarray(cache.layers[1].lengths[index]).tolist() == [kept, kept]
 
@@ -90,7 +75,7 @@ def test_batch_of_ragged_rows_keeps_what_each_row_keeps_alone(model, name):
 def test_tova_against_a_numpy_oracle(model):
     """The last query's attention, averaged over all 4 query heads: the same tokens in both KV
     heads, the last token always among them."""
-    row = _rows([30], seed=4)[0]
+    row = random_rows([30], seed=4)[0]
     captured = {}
     base = tova(0.5)
 
@@ -109,12 +94,12 @@ def test_tova_against_a_numpy_oracle(model):
             probs = np.exp(logits - logits.max())
             scores += probs / probs.sum() / 4
         expected = sorted(np.argsort(-scores[:29])[:14].tolist() + [29])
-        assert _kept(small, 0)[index] == [expected, expected]
+        assert kept_positions(small, 0)[index] == [expected, expected]
 
 
 def test_tova_budget_of_one_keeps_the_last_token(model):
-    _, cache = tc.prefill(model, _rows([23, 9]), press=tova(tokens=1))
-    assert _kept(cache, 0) == [[[22]] * 2] * 2 and _kept(cache, 1) == [[[8]] * 2] * 2
+    _, cache = tc.prefill(model, random_rows([23, 9]), press=tova(tokens=1))
+    assert kept_positions(cache, 0) == [[[22]] * 2] * 2 and kept_positions(cache, 1) == [[[8]] * 2] * 2
 
 
 def test_tova_averages_heads_by_token_even_when_kv_heads_hold_different_entries():
@@ -143,20 +128,20 @@ def test_tova_averages_heads_by_token_even_when_kv_heads_hold_different_entries(
 
 
 def test_random_is_deterministic_given_the_seed_and_covers_the_budget(model):
-    rows = _rows([50, 33], seed=5)
+    rows = random_rows([50, 33], seed=5)
     _, first = tc.prefill(model, rows, press=random(0.5, seed=7), chunk_size=64)
     _, again = tc.prefill(model, rows, press=random(0.5, seed=7), chunk_size=64)
     _, other = tc.prefill(model, rows, press=random(0.5, seed=8), chunk_size=64)
     for row, length in enumerate((50, 33)):
-        kept = _kept(first, row)
-        assert kept == _kept(again, row)
-        assert kept != _kept(other, row)
+        kept = kept_positions(first, row)
+        assert kept == kept_positions(again, row)
+        assert kept != kept_positions(other, row)
         assert kept[0][0] != kept[0][1] and kept[0] != kept[1]  # heads and layers draw independently
         for layer in kept:
             for head in layer:
                 assert len(head) == len(set(head)) == length // 2 and set(head) <= set(range(length))
     _, small = tc.prefill(model, rows, press=random(tokens=10, seed=7), chunk_size=64)
-    assert all(len(head) == 10 for row in (0, 1) for layer in _kept(small, row) for head in layer)
+    assert all(len(head) == 10 for row in (0, 1) for layer in kept_positions(small, row) for head in layer)
 
 
 def test_random_keeps_a_uniform_random_subset():

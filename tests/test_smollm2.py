@@ -2,7 +2,6 @@
 import inspect
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -73,12 +72,6 @@ def test_cached_decode_equals_full_forward_on_ragged_batch(smollm2):
         reference, _ = tc.prefill(model, [full], all_logits=True)
         decoded = np.stack([np.asarray(s[row]) for s in steps])
         np.testing.assert_allclose(decoded, np.asarray(reference[0, len(prompts[row]) - 1:]), atol=1e-4, rtol=0)
-
-
-def test_greedy_answer_is_paris(smollm2):
-    model, tokenizer = smollm2
-    answer = tc.generate(model, tokenizer, "What is the capital of France?", max_new_tokens=16)
-    assert "Paris" in answer
 
 
 def test_generate_matches_transformers_greedy(smollm2, hf_smollm2):

@@ -1,0 +1,16 @@
+"""Helpers shared by the press tests."""
+import numpy as np
+
+RAGGED = (40, 17, 64, 29)  # row lengths of ragged batches
+
+
+def random_rows(lengths, seed=0, vocab=64):
+    """Rows of random token ids of the given lengths."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, n).tolist() for n in lengths]
+
+
+def kept_positions(cache, row=0):
+    """Per layer and KV head, the sorted positions that row `row` of the cache holds."""
+    return [[sorted(np.asarray(layer.positions[row, h, :int(layer.lengths[row, h])]).tolist())
+             for h in range(layer.lengths.shape[1])] for layer in cache.layers]
