@@ -29,8 +29,9 @@ def kvpress_kept(hf_model, press, ids, uncompressed):
     return kept
 
 
-def ours_kept(model, press, ids):
-    _, cache = tc.prefill(model, [ids], press=press, chunk_size=128)
+def ours_kept(model, press, ids, chunk_size=128):
+    """Per layer and KV head, the positions our press keeps (prefill in chunks of `chunk_size`)."""
+    _, cache = tc.prefill(model, [ids], press=press, chunk_size=chunk_size)
     return [[set(np.asarray(layer.positions[0, h, :int(layer.lengths[0, h])]).tolist())
              for h in range(layer.lengths.shape[1])] for layer in cache.layers]
 

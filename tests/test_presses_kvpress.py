@@ -22,7 +22,7 @@ def test_smollm2_keeps_what_kvpress_keeps(smollm2, hf_smollm2, name):
     ids = tokenizer.encode(essay("worked.txt"))[:300]
     ours_factory, theirs_class = PAIRS[name]
     theirs = kvpress_kept(hf_model, theirs_class(compression_ratio=0.5), ids, full_keys(hf_model, ids))
-    assert overlap(ours_kept(model, ours_factory(0.5), ids), theirs) >= 0.99
+    assert overlap(ours_kept(model, ours_factory(0.5), ids, chunk_size=512), theirs) >= 0.99  # one compilation
 
 
 @pytest.mark.parametrize("name", list(PAIRS))

@@ -77,7 +77,7 @@ def test_smollm2_keeps_what_kvpress_keeps(smollm2, hf_smollm2):
     ids = tokenizer.encode(essay("worked.txt"))[:300]
     theirs = kvpress_kept(hf_model, kvpress.ObservedAttentionPress(compression_ratio=0.5), ids,
                           full_keys(hf_model, ids))
-    assert overlap(ours_kept(model, h2o(0.5), ids), theirs) >= 0.99
+    assert overlap(ours_kept(model, h2o(0.5), ids, chunk_size=512), theirs) >= 0.99  # one compilation
 
 
 # numpy oracle -----------------------------------------------------------------------------------
