@@ -114,14 +114,16 @@ def prefill(model: Llama, ids, *, lengths=None, cache: KVCache | None = None, ca
     graphdef, state = nnx.split(model)
     pieces, press_states = [], None
     for start in range(0, width, chunk):
-        last_chunk = start + chunk == width
+        # Only a press tells the last chunk apart (without one, every chunk runs one program).
+        last_chunk = press is None or start + chunk == width
         compresses = press is not None and last_chunk  # a smaller cache comes out: nothing to reuse
         forward = _forward_jit_donating if owned and not compresses else _forward_jit
         logits, cache, press_states = forward(graphdef, state, aligned[:, start:start + chunk], cache,
                                               valid[:, start:start + chunk], all_logits, press, press_states,
                                               room, last_chunk)
         owned = True
-        pieces.append(logits)
+        if all_logits:
+            pieces.append(logits)
     if not all_logits:
         return logits, cache
     every = jnp.concatenate(pieces, axis=1)  # [B, width, V], rows end-aligned
