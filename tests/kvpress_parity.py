@@ -32,10 +32,28 @@ def kvpress_kept(hf_model, press, ids, uncompressed):
 def ours_kept(model, press, ids, chunk_size=128):
     """Per layer and KV head, the positions our press keeps (prefill in chunks of `chunk_size`)."""
     _, cache = tc.prefill(model, [ids], press=press, chunk_size=chunk_size)
-    return [[set(np.asarray(layer.positions[0, h, :int(layer.lengths[0, h])]).tolist())
-             for h in range(layer.lengths.shape[1])] for layer in cache.layers]
+    return [[set(head[head >= 0].tolist()) for head in np.asarray(positions[0])] for positions in cache.positions]
 
 
 def overlap(ours, theirs):
     shared = sum(len(a & b) for la, lb in zip(ours, theirs) for a, b in zip(la, lb))
     return shared / sum(len(b) for lb in theirs for b in lb)
+
+
+def kvpress_masked_kept(hf_model, press, ids):
+    """Per layer and KV head, the positions a kvpress press that masks instead of evicting (AdaKV)
+    keeps: all but those in each attention module's `masked_key_indices`. Such presses refuse eager
+    attention, so the model runs with SDPA for the call."""
+    eager = hf_model.config._attn_implementation
+    hf_model.set_attn_implementation("sdpa")
+    try:
+        with torch.no_grad(), press(hf_model):
+            hf_model(torch.tensor([ids]), past_key_values=transformers.DynamicCache())
+    finally:
+        hf_model.set_attn_implementation(eager)
+    kept = []
+    for layer in hf_model.model.layers:
+        _, heads, positions = layer.self_attn.masked_key_indices
+        masked = [set(positions[heads == h].tolist()) for h in range(hf_model.config.num_key_value_heads)]
+        kept.append([set(range(len(ids))) - m for m in masked])
+    return kept

@@ -1,52 +1,15 @@
-"""Expected Attention and PyramidKV: parity with kvpress 0.5.5 (the same entries kept, layer by layer
-and KV head by KV head), chunk-size independence, ragged batches, per-layer capacities and memory."""
+"""Expected Attention and PyramidKV: chunk-size independence, ragged batches, per-layer capacities
+and memory (kvpress parity: test_presses_kvpress.py)."""
 import kvpress
 import numpy as np
 import pytest
 
 import tokcomp_jax as tc
-from conftest import essay
-from kvpress_parity import full_keys, kvpress_kept, ours_kept, overlap
 from tokcomp_jax.presses.expected_attention import expected_attention, observe_queries
 from tokcomp_jax.presses.pyramidkv import layer_budget, pyramidkv
 from press_helpers import RAGGED, kept_positions, random_rows
 
-PAIRS = {
-    "expected_attention": (lambda ratio, model: expected_attention(ratio), kvpress.ExpectedAttentionPress),
-    "pyramidkv": (lambda ratio, model: pyramidkv(ratio, num_layers=model.config.num_layers), kvpress.PyramidKVPress),
-}
 LENGTHS = RAGGED
-
-
-@pytest.fixture(scope="module")
-def smollm2_prompt(smollm2, hf_smollm2):
-    """300 tokens of an essay and transformers' uncompressed keys for them (shared by the presses)."""
-    ids = smollm2[1].encode(essay("worked.txt"))[:300]
-    return ids, full_keys(hf_smollm2[0], ids)
-
-
-@pytest.mark.parametrize("name", list(PAIRS))
-def test_smollm2_keeps_what_kvpress_keeps(smollm2, hf_smollm2, smollm2_prompt, name):
-    model, _ = smollm2
-    hf_model, _ = hf_smollm2
-    ids, uncompressed = smollm2_prompt
-    ours_factory, theirs_class = PAIRS[name]
-    theirs = kvpress_kept(hf_model, theirs_class(compression_ratio=0.5), ids, uncompressed)
-    ours = ours_kept(model, ours_factory(0.5, model), ids, chunk_size=512)  # one compilation
-    assert [len(layer[0]) for layer in ours] == [len(layer[0]) for layer in theirs]
-    assert overlap(ours, theirs) >= 0.99
-
-
-@pytest.mark.parametrize("name", list(PAIRS))
-@pytest.mark.parametrize("ratio", [0.25, 0.75])
-def test_tiny_llama_keeps_what_kvpress_keeps(tiny_pair, name, ratio):
-    hf_model, model = tiny_pair
-    ids = np.random.default_rng(0).integers(0, 128, 300).tolist()  # budgets >= the 64-token window
-    ours_factory, theirs_class = PAIRS[name]
-    theirs = kvpress_kept(hf_model, theirs_class(compression_ratio=ratio), ids, full_keys(hf_model, ids))
-    ours = ours_kept(model, ours_factory(ratio, model), ids)
-    assert [len(layer[0]) for layer in ours] == [len(layer[0]) for layer in theirs]
-    assert overlap(ours, theirs) >= 0.99
 
 
 def test_query_statistics_merged_over_chunks_equal_the_whole_prompts():

@@ -1,13 +1,11 @@
-"""H2O / observed attention: kvpress parity, a numpy oracle over the full attention matrix, and a
-selection that depends neither on the prefill chunk size nor on the other rows of a batch."""
+"""H2O / observed attention: a numpy oracle over the full attention matrix, and a selection that
+depends neither on the prefill chunk size nor on the other rows of a batch (kvpress parity:
+test_presses_kvpress.py)."""
 import jax
-import kvpress
 import numpy as np
 import pytest
 
 import tokcomp_jax as tc
-from conftest import essay
-from kvpress_parity import full_keys, kvpress_kept, ours_kept, overlap
 from tokcomp_jax.presses.observed_attention import h2o, mass_scores, observed_attention
 from press_helpers import RAGGED, kept_positions, random_rows
 
@@ -57,27 +55,6 @@ def _same_selection(kept, reference, scores, positions, row, rtol=1e-5):
             by_position = dict(zip(positions[layer][row, head].tolist(), scores[layer][row, head].tolist()))
             swapped = [by_position[p] for p in set(ours) ^ set(theirs)]
             assert max(swapped) - min(swapped) <= rtol * max(swapped), (layer, head, ours, theirs)
-
-
-# kvpress parity ---------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("ratio", [0.25, 0.75])
-def test_tiny_llama_keeps_what_kvpress_keeps(tiny_pair, ratio):
-    hf_model, model = tiny_pair
-    ids = np.random.default_rng(0).integers(0, 128, 300).tolist()
-    theirs = kvpress_kept(hf_model, kvpress.ObservedAttentionPress(compression_ratio=ratio), ids,
-                          full_keys(hf_model, ids))
-    assert overlap(ours_kept(model, observed_attention(ratio), ids), theirs) >= 0.99
-
-
-def test_smollm2_keeps_what_kvpress_keeps(smollm2, hf_smollm2):
-    model, tokenizer = smollm2
-    hf_model, _ = hf_smollm2
-    assert hf_model.config._attn_implementation == "eager"  # kvpress reads the eager attention weights
-    ids = tokenizer.encode(essay("worked.txt"))[:300]
-    theirs = kvpress_kept(hf_model, kvpress.ObservedAttentionPress(compression_ratio=0.5), ids,
-                          full_keys(hf_model, ids))
-    assert overlap(ours_kept(model, h2o(0.5), ids, chunk_size=512), theirs) >= 0.99  # one compilation
 
 
 # numpy oracle -----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@
 ((2, 64), (2, 2, 2), (2, 2, 8))
 """
 from tokcomp_jax import presses, testing
-from tokcomp_jax.cache import KVCache, LayerCache
+from tokcomp_jax.cache import KVCache, LayerCache, RaggedLayerCache
 from tokcomp_jax.checkpoints import CheckpointError, Tokenizer, load
 from tokcomp_jax.generation import (Generation, answer_questions, decode, generate, generate_ids, pad_batch,
                                     prefill)
@@ -18,6 +18,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load", "prefill", "decode", "generate", "generate_ids", "answer_questions", "pad_batch", "Generation",
-    "KVCache", "LayerCache", "Llama", "ModelConfig", "Tokenizer", "SamplingConfig", "CheckpointError",
+    "KVCache", "LayerCache", "RaggedLayerCache", "Llama", "ModelConfig", "Tokenizer", "SamplingConfig", "CheckpointError",
     "presses", "testing",
 ]

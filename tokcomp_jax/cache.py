@@ -2,7 +2,9 @@
 
 Each (row, KV head) holds `lengths[b, h]` valid entries in slots `[0, lengths[b, h])`; the original
 token position of every entry is kept in `positions` so that RoPE-aware methods and reports know
-which tokens survived compression. Layers may have different capacities (pyramid budgets).
+which tokens survived compression. Layers may have different capacities (pyramid budgets), and a
+layer compressed with a budget per KV head (AdaKV) is a `RaggedLayerCache`, whose memory follows
+the sum of the heads' budgets.
 """
 from __future__ import annotations
 
@@ -61,6 +63,14 @@ class LayerCache:
         """True for the slots that hold an entry."""
         return jnp.arange(self.capacity) < self.lengths[..., None]
 
+    def head_positions(self) -> Int[Array, "B Hkv C"]:
+        """Each KV head's view of the slots: the entry's position, -1 where it holds none."""
+        return self.positions
+
+    def free_slots(self) -> Int[Array, "B Hkv"]:
+        """How many more entries each (row, KV head) can take."""
+        return self.capacity - self.lengths
+
     def append(self, keys: Float[Array, "B Hkv T D"], values: Float[Array, "B Hkv T D"],
                positions: Int[Array, "B T"], valid: Bool[Array, "B T"]) -> "LayerCache":
         """Writes the `valid` ones of T new entries after each (row, head)'s last entry, in order.
@@ -85,6 +95,71 @@ class LayerCache:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class RaggedLayerCache:
+    """One layer's cache with a budget of its own per (row, KV head) (AdaKV), stored ragged.
+
+    Each row's entries share one pool of N slots: KV head h holds `lengths[b, h]` entries from slot
+    `starts[b, h]` on, in token order, and its segment ends where the next head's starts (the last
+    head's at N), the free slots of a segment taking that head's new entries. keys, values:
+    `[B, N, D]`; positions: `[B, N]` (-1 where empty); starts, lengths: `[B, Hkv]`.
+    """
+
+    keys: Float[Array, "B N D"]
+    values: Float[Array, "B N D"]
+    positions: Int[Array, "B N"]
+    starts: Int[Array, "B Hkv"]
+    lengths: Int[Array, "B Hkv"]
+
+    @property
+    def capacity(self) -> int:
+        """Slots of each row's pool (all heads together)."""
+        return self.keys.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by this layer's arrays (keys, values, positions, starts, lengths)."""
+        return sum(_nbytes(x) for x in (self.keys, self.values, self.positions, self.starts, self.lengths))
+
+    def segment_ends(self) -> Int[Array, "B Hkv"]:
+        """One past the last slot of each head's segment."""
+        end = jnp.full_like(self.starts[:, :1], self.capacity)
+        return jnp.concatenate([self.starts[:, 1:], end], axis=1)
+
+    def valid_mask(self) -> Bool[Array, "B Hkv N"]:
+        """True where a slot holds an entry of that KV head."""
+        slot = jnp.arange(self.capacity)
+        starts = self.starts[..., None]
+        return (slot >= starts) & (slot < starts + self.lengths[..., None])
+
+    def head_positions(self) -> Int[Array, "B Hkv N"]:
+        """Each KV head's view of the pool: its entries' positions, -1 elsewhere."""
+        return jnp.where(self.valid_mask(), self.positions[:, None, :], -1)
+
+    def free_slots(self) -> Int[Array, "B Hkv"]:
+        """How many more entries each (row, KV head) can take."""
+        return self.segment_ends() - self.starts - self.lengths
+
+    def append(self, keys: Float[Array, "B Hkv T D"], values: Float[Array, "B Hkv T D"],
+               positions: Int[Array, "B T"], valid: Bool[Array, "B T"]) -> "RaggedLayerCache":
+        """Writes the `valid` ones of T new entries after each (row, head)'s last entry, in order;
+        entries past the end of the head's segment are dropped (see `KVCache.check_room`)."""
+        batch = keys.shape[0]
+        offsets = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1  # [B, T]
+        slots = (self.starts + self.lengths)[:, :, None] + offsets[:, None, :]  # [B, Hkv, T]
+        fits = valid[:, None, :] & (slots < self.segment_ends()[:, :, None])
+        index = (jnp.arange(batch)[:, None, None], jnp.where(fits, slots, self.capacity))
+        positions = jnp.broadcast_to(positions[:, None, :], slots.shape).astype(jnp.int32)
+        return RaggedLayerCache(
+            keys=self.keys.at[index].set(keys.astype(self.keys.dtype), mode="drop"),
+            values=self.values.at[index].set(values.astype(self.values.dtype), mode="drop"),
+            positions=self.positions.at[index].set(positions, mode="drop"),
+            starts=self.starts,
+            lengths=self.lengths + jnp.sum(fits, axis=2, dtype=jnp.int32),
+        )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class KVCache:
     """The whole model's cache: one `LayerCache` per layer and the tokens seen per row.
 
@@ -97,7 +172,7 @@ class KVCache:
     49564
     """
 
-    layers: tuple[LayerCache, ...]
+    layers: tuple[LayerCache | RaggedLayerCache, ...]
     num_seen: Int[Array, "B"]
 
     @classmethod
@@ -122,8 +197,9 @@ class KVCache:
 
     @property
     def positions(self) -> tuple[Int[Array, "B Hkv C"], ...]:
-        """Original token positions of the entries, one `[B, Hkv, C_l]` array per layer."""
-        return tuple(layer.positions for layer in self.layers)
+        """Original token positions of the entries, one `[B, Hkv, C_l]` array per layer (-1 where a
+        slot holds none; see `RaggedLayerCache.head_positions` for per-head budgets)."""
+        return tuple(layer.head_positions() for layer in self.layers)
 
     @property
     def lengths(self) -> Int[Array, "L B Hkv"]:
@@ -135,12 +211,16 @@ class KVCache:
         """Bytes the cache really holds (all layers' arrays plus `num_seen`)."""
         return sum(layer.nbytes for layer in self.layers) + _nbytes(self.num_seen)
 
+    def free_slots(self) -> np.ndarray:
+        """`[L]` the most entries that every (row, KV head) of each layer can still take (one
+        device-to-host copy)."""
+        return np.asarray(jnp.stack([jnp.min(layer.free_slots()) for layer in self.layers]))
+
     def check_room(self, new_tokens: int) -> None:
-        """Raises if some (row, layer, head) cannot take `new_tokens` more entries (reads lengths)."""
-        longest_per_layer = np.asarray(self.lengths).max(axis=(1, 2))  # one device-to-host copy
-        for index, (layer, longest) in enumerate(zip(self.layers, longest_per_layer)):
-            if longest + new_tokens > layer.capacity:
+        """Raises if some (row, layer, head) cannot take `new_tokens` more entries."""
+        for index, free in enumerate(self.free_slots()):
+            if new_tokens > free:
                 raise ValueError(
-                    f"the cache is full: layer {index} holds {longest} of {layer.capacity} entries and "
+                    f"the cache is full: layer {index} has room for {free} more entries per KV head and "
                     f"{new_tokens} more were asked for; allocate a larger `capacity` or compress the cache."
                 )

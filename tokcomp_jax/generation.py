@@ -15,6 +15,7 @@ from tokcomp_jax.cache import KVCache
 from tokcomp_jax.checkpoints.tokenizer import Tokenizer
 from tokcomp_jax.models.llama import Llama
 from tokcomp_jax.presses.base import Press
+from tokcomp_jax.presses.online import every_n_steps
 from tokcomp_jax.sampling import SamplingConfig, sample
 
 DEFAULT_CHUNK_SIZE = 512
@@ -89,10 +90,16 @@ def prefill(model: Llama, ids, *, lengths=None, cache: KVCache | None = None, ca
     if ids.min() < 0 or ids.max() >= vocab:
         raise ValueError(f"ids must be token ids in [0, {vocab}), got values in [{ids.min()}, {ids.max()}].")
     longest = int(lengths.max())
+    # Rows are aligned to the end, so that every row's last tokens are in the last chunk.
+    width = _padded_length(steps, chunk_size)
+    chunk = min(chunk_size, width)
     if cache is None:
         capacity = longest if capacity is None else capacity
         if longest > capacity:
             raise ValueError(f"the prompt has {longest} tokens but capacity is {capacity}; raise capacity.")
+        room = capacity - longest
+        if press is not None and press.bounded is not None:  # compressed after every chunk
+            capacity = min(capacity, press.bounded + max(chunk, room))
         cache = model.init_cache(batch, capacity)
         owned = True
     else:
@@ -100,12 +107,11 @@ def prefill(model: Llama, ids, *, lengths=None, cache: KVCache | None = None, ca
             raise ValueError("pass either cache or capacity, not both.")
         if cache.batch_size != batch:
             raise ValueError(f"cache holds {cache.batch_size} rows but ids has {batch}.")
-        cache.check_room(longest)
+        room = int(cache.free_slots().min()) - longest
+        if room < 0:
+            cache.check_room(longest)  # raises, naming the layer
         owned = False
-    room = min(cache.capacities) - int(np.max(cache.lengths)) - longest if press is not None else 0
-    # Rows are aligned to the end, so that every row's last tokens are in the last chunk.
-    width = _padded_length(steps, chunk_size)
-    chunk = min(chunk_size, width)
+    room = room if press is not None else 0
     starts = width - lengths
     aligned = np.zeros((batch, width), np.int32)
     for row in range(batch):
@@ -142,15 +148,22 @@ def decode(model: Llama, tokens, cache: KVCache):
     return logits, cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
-def _sample_and_decode(graphdef, state, logits, cache, key, done, stop_ids, sampling):
-    """Samples each row's next token, marks rows that stopped, and feeds the token back."""
+def _sample_and_decode_step(graphdef, state, logits, cache, key, done, stop_ids, sampling, press=None):
+    """Samples each row's next token, marks rows that stopped, and feeds the token back (through
+    `press`, if given, which compresses each layer)."""
     key, subkey = jax.random.split(key)
     token = sample(logits, subkey, sampling)
     done = done | jnp.isin(token, stop_ids)
     model = nnx.merge(graphdef, state)
-    logits, cache, _ = model(token[:, None], cache, jnp.ones((token.shape[0], 1), bool), all_logits=False)
+    logits, cache, _ = model(token[:, None], cache, jnp.ones((token.shape[0], 1), bool), all_logits=False,
+                             press=press)
     return token, done, logits, cache, key
+
+
+_DECODE_STATIC = ("graphdef", "sampling", "press")
+_sample_and_decode = jax.jit(_sample_and_decode_step, static_argnames=_DECODE_STATIC, donate_argnames=("cache",))
+# A compressing step returns a smaller cache: nothing to donate.
+_sample_decode_and_compress = jax.jit(_sample_and_decode_step, static_argnames=_DECODE_STATIC)
 
 
 @dataclasses.dataclass
@@ -172,23 +185,33 @@ class Generation:
 def generate_ids(model: Llama, ids, *, max_new_tokens: int = 32, sampling: SamplingConfig = SamplingConfig(),
                  stop_ids: Sequence[int] = (), seed: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  pad_id: int = 0, on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None,
-                 press: Press | None = None, cache: KVCache | None = None) -> Generation:
+                 press: Press | None = None, cache: KVCache | None = None, decoding_press: Press | None = None,
+                 compress_every: int = 512) -> Generation:
     """Batched generation from token ids; rows may have different lengths. A `press` compresses
     the prompt's cache after prefill, leaving room for `max_new_tokens`. With `cache`, the prompts
     continue it (e.g. questions on a compressed context); it is left unchanged.
+
+    A `decoding_press` (a scoring press with a budget in tokens, e.g. `knorm(tokens=2048)`)
+    compresses the cache every `compress_every` steps back to its budget, scoring on that step's
+    observation (kvpress `DecodingPress(base_press, compression_interval, target_size)` without a
+    hidden-states buffer), so the cache never holds more than the budget plus `compress_every`.
 
     `on_tokens(tokens [B], active [B])` is called after every step (for streaming); without it the
     host checks for finished rows only every few steps, so decoding runs ahead asynchronously.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    room = max_new_tokens
+    if decoding_press is not None:
+        decoding_press = every_n_steps(decoding_press, compress_every)
+        room = min(max_new_tokens, compress_every)
     ids, lengths = pad_batch(ids, pad_id=pad_id)
     start = time.perf_counter()
     if cache is None:
-        capacity = _padded_length(int(lengths.max()), chunk_size) + max_new_tokens
+        capacity = _padded_length(int(lengths.max()), chunk_size) + room
         logits, cache = prefill(model, ids, lengths=lengths, capacity=capacity, chunk_size=chunk_size, press=press)
     else:
-        cache.check_room(int(lengths.max()) + max_new_tokens)
+        cache.check_room(int(lengths.max()) + room)
         logits, cache = prefill(model, ids, lengths=lengths, cache=cache, chunk_size=chunk_size, press=press)
     jax.block_until_ready(logits)
     prefill_seconds = time.perf_counter() - start
@@ -201,7 +224,12 @@ def generate_ids(model: Llama, ids, *, max_new_tokens: int = 32, sampling: Sampl
     steps = []
     for step in range(max_new_tokens):
         was_done = done
-        token, done, logits, cache, key = _sample_and_decode(graphdef, state, logits, cache, key, done, stop, sampling)
+        if decoding_press is not None and (step + 1) % compress_every == 0:
+            token, done, logits, cache, key = _sample_decode_and_compress(
+                graphdef, state, logits, cache, key, done, stop, sampling, decoding_press)
+        else:
+            token, done, logits, cache, key = _sample_and_decode(graphdef, state, logits, cache, key, done, stop,
+                                                                 sampling)
         steps.append((token, was_done))
         if on_tokens is not None:
             on_tokens(np.asarray(token), ~np.asarray(done))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from tokcomp_jax.cache import LayerCache
+from tokcomp_jax.cache import LayerCache, RaggedLayerCache
 
 
 class Observation(NamedTuple):
@@ -40,12 +40,31 @@ class Observation(NamedTuple):
     inv_freq: np.ndarray
 
 
+Scores = Float[Array, "B Hkv C"]
+
+
+class Scorer(NamedTuple):
+    """How a scoring press rates the entries: `score(layer, obs, state)` (higher is kept) once the
+    prompt is complete, and `observe(state, layer, obs)` (or None) on every chunk before that."""
+
+    score: Callable[[LayerCache, Observation, Any], Scores]
+    observe: Callable[[Any, LayerCache, Observation], Any] | None = None
+
+
 class Press(NamedTuple):
     """A compression method, optax-style: `init(layer, layer_index) -> state` and
-    `compress(layer, obs, state, **extra) -> (layer, state)`, called on every prefill chunk."""
+    `compress(layer, obs, state, **extra) -> (layer, state)`, called on every prefill chunk.
+
+    A press that scores entries and keeps the best within a budget also exposes its `scorer` and
+    `budget`, so that other selectors (e.g. AdaKV's per-head budgets) can wrap it. `bounded` is
+    the most entries per (row, KV head) a press that compresses after every prefill chunk keeps
+    (None: it compresses once the prompt is complete), for `tc.prefill` to size the cache."""
 
     init: Callable[[LayerCache, int], Any]
     compress: Callable[..., tuple[LayerCache, Any]]
+    scorer: Scorer | None = None
+    budget: "Budget | None" = None
+    bounded: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,12 +94,27 @@ class Budget:
         return jnp.asarray(table)[jnp.clip(lengths, 0, longest)]
 
 
-def keep_top(layer: LayerCache, scores: Float[Array, "B Hkv C"], n_kept: Int[Array, "B Hkv"],
-             capacity: int) -> LayerCache:
+def require_uniform(layer) -> None:
+    """Raises for a cache with per-head budgets, which presses that select per head cannot take."""
+    if isinstance(layer, RaggedLayerCache):
+        raise ValueError("this layer's cache already holds a budget per KV head (AdaKV); apply adakv last, "
+                         "after every other press, and only once.")
+
+
+def ranked_scores(layer: LayerCache, scores: Scores) -> Scores:
+    """Scores in float32 ready for top-k: empty slots at -inf, NaN scores just above them (an entry
+    scored NaN, e.g. from a NaN key, is dropped before every entry with a real score)."""
+    scores = scores.astype(jnp.float32)
+    scores = jnp.where(jnp.isnan(scores), jnp.finfo(jnp.float32).min, scores)
+    return jnp.where(layer.valid_mask(), scores, -jnp.inf)
+
+
+def keep_top(layer: LayerCache, scores: Scores, n_kept: Int[Array, "B Hkv"], capacity: int) -> LayerCache:
     """Keeps each (row, head)'s `n_kept` best-scored valid entries, in their original order, in a
     new cache of `capacity` slots: the memory follows the budget, not the original length."""
+    require_uniform(layer)
     slots = layer.capacity
-    scores = jnp.where(layer.valid_mask(), scores.astype(jnp.float32), -jnp.inf)
+    scores = ranked_scores(layer, scores)
     k = min(capacity, slots)
     best = jax.lax.top_k(scores, k)[1]  # [B, Hkv, k]
     n_kept = jnp.minimum(n_kept, jnp.minimum(layer.lengths, k))
@@ -101,10 +135,13 @@ def keep_top(layer: LayerCache, scores: Float[Array, "B Hkv C"], n_kept: Int[Arr
                       positions=take(layer.positions, -1), lengths=n_kept.astype(jnp.int32))
 
 
-Scorer = Callable[[LayerCache, Observation, Any], Float[Array, "B Hkv C"]]
+def no_state(layer: LayerCache, layer_index: int) -> None:
+    """The `init` of a press that carries nothing across chunks."""
+    del layer, layer_index
 
 
-def scorer_press(score: Scorer, budget: Budget, *, init: Callable[[LayerCache, int], Any] = lambda layer, index: None,
+def scorer_press(score: Callable[[LayerCache, Observation, Any], Scores], budget: Budget, *,
+                 init: Callable[[LayerCache, int], Any] = no_state,
                  observe: Callable[[Any, LayerCache, Observation], Any] | None = None) -> Press:
     """A press that scores the entries with `score(layer, obs, state)` once the whole prompt is
     in the cache, and keeps the best within `budget`. `observe(state, layer, obs)` updates the
@@ -121,7 +158,7 @@ def scorer_press(score: Scorer, budget: Budget, *, init: Callable[[LayerCache, i
         n_kept = budget.kept(layer.lengths, longest)
         return keep_top(layer, score(layer, obs, state), n_kept, capacity), state
 
-    return Press(init=init, compress=compress)
+    return Press(init=init, compress=compress, scorer=Scorer(score, observe), budget=budget)
 
 
 def press_factory(fn):

@@ -120,4 +120,4 @@ def expected_attention(ratio: float | None = None, *, tokens: int | None = None,
         sink_scores = jnp.finfo(jnp.float32).max / (1.0 + layer.positions.astype(jnp.float32))
         return jnp.where(sink, sink_scores, scores)
 
-    return scorer_press(score, budget, init=lambda layer, index: None, observe=observe)
+    return scorer_press(score, budget, observe=observe)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from tokcomp_jax.presses.base import Budget, Press, keep_top, press_factory
+from tokcomp_jax.presses.base import Budget, Press, keep_top, no_state, press_factory
 from tokcomp_jax.presses.snapkv import snapkv_scores
 
 
@@ -63,4 +63,4 @@ def pyramidkv(ratio: float | None = None, *, num_layers: int, window_size: int =
         n_kept = jnp.asarray(table)[jnp.clip(layer.lengths, 0, longest)]
         return keep_top(layer, snapkv_scores(layer, obs, window_size, kernel_size), n_kept, capacity), state
 
-    return Press(init=lambda layer, index: None, compress=compress)
+    return Press(init=no_state, compress=compress)

@@ -1,0 +1,131 @@
+"""Q-Filters: the calibration against a NumPy SVD of the queries and across chunk sizes, parity
+with kvpress 0.5.5's `QFilterPress` given the same filters (the same entries kept, layer by layer
+and KV head by KV head, on a tiny random Llama and on the real SmolLM2), ragged batches, and the
+validation of the filters."""
+import inspect
+import textwrap
+
+import jax
+import kvpress
+import numpy as np
+import pytest
+import torch
+
+import tokcomp_jax as tc
+from conftest import essay
+from kvpress_parity import full_keys, kvpress_kept, ours_kept, overlap
+from press_helpers import RAGGED, kept_positions, random_rows
+from tokcomp_jax.presses.base import Press
+from tokcomp_jax.presses.qfilter import calibrate_qfilters, qfilter
+
+
+def kvpress_qfilter(ratio, filters):
+    """kvpress's press with our filters, in place of the ones it would download from the hub."""
+    press = kvpress.QFilterPress(compression_ratio=ratio)
+    press.post_init_from_model = lambda model: None
+    press.q_filters = torch.tensor(filters)  # [layers, KV heads, head_dim], as the hub's
+    return press
+
+
+def captured_queries(model, rows):
+    """Per layer, the `[N, H, D]` post-RoPE queries of the rows' real tokens, from one prefill chunk."""
+    captured = {}
+
+    def spy(layer, obs, state, **extra):
+        jax.debug.callback(lambda q, v, i=obs.layer_index: captured.setdefault(i, np.asarray(q)[np.asarray(v)]),
+                           obs.queries, obs.valid)
+        return layer, state
+
+    tc.prefill(model, rows, press=Press(lambda layer, index: None, spy))
+    return [captured[index] for index in sorted(captured)]
+
+
+def numpy_filters(queries, kv_heads):
+    """The paper's filters from an SVD of each query head's stacked queries (float64)."""
+    filters = []
+    for layer in queries:
+        heads = []
+        for q in np.moveaxis(layer.astype(np.float64), 1, 0):  # [N, D] per query head
+            first = np.linalg.svd(q, full_matrices=False)[2][0]
+            heads.append(-first if (q @ first).mean() > 0 else first)
+        filters.append(np.reshape(heads, (kv_heads, -1, layer.shape[-1])).mean(axis=1))
+    return np.stack(filters)
+
+
+@pytest.fixture(scope="module")
+def tiny_filters(tiny_pair):
+    return calibrate_qfilters(tiny_pair[1], random_rows([400], seed=1, vocab=128), chunk_size=128)
+
+
+@pytest.fixture(scope="module")
+def tiny_essay(tiny_pair):
+    ids = np.random.default_rng(0).integers(0, 128, 300).tolist()
+    return ids, full_keys(tiny_pair[0], ids)
+
+
+def test_calibration_is_the_svd_of_the_queries(tiny_pair):
+    """Ragged rows: only the real tokens' queries count."""
+    model = tiny_pair[1]
+    rows = random_rows([300, 180], seed=2, vocab=128)
+    expected = numpy_filters(captured_queries(model, rows), kv_heads=2)
+    np.testing.assert_allclose(calibrate_qfilters(model, rows, chunk_size=512), expected, atol=1e-5)
+
+
+def test_calibration_does_not_depend_on_the_chunk_size(tiny_pair, tiny_filters):
+    rows = random_rows([400], seed=1, vocab=128)
+    for chunk_size in (64, 512):
+        np.testing.assert_allclose(calibrate_qfilters(tiny_pair[1], rows, chunk_size=chunk_size), tiny_filters,
+                                   atol=1e-6)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.75])
+def test_tiny_llama_keeps_what_kvpress_keeps(tiny_pair, tiny_essay, tiny_filters, ratio):
+    hf_model, model = tiny_pair
+    ids, uncompressed = tiny_essay
+    theirs = kvpress_kept(hf_model, kvpress_qfilter(ratio, tiny_filters), ids, uncompressed)
+    assert overlap(ours_kept(model, qfilter(ratio, filters=tiny_filters), ids), theirs) >= 0.99
+
+
+def test_smollm2_keeps_what_kvpress_keeps(smollm2, hf_smollm2):
+    model, tokenizer = smollm2
+    calibration = tokenizer.encode(inspect.getsource(textwrap))[:512]  # other text than the test's
+    filters = calibrate_qfilters(model, [calibration], chunk_size=512)
+    assert filters.shape == (30, 3, 64)
+    ids = tokenizer.encode(essay("worked.txt"))[:300]
+    theirs = kvpress_kept(hf_smollm2[0], kvpress_qfilter(0.5, filters), ids, full_keys(hf_smollm2[0], ids))
+    _, cache = tc.prefill(model, [ids], press=qfilter(0.5, filters=filters))  # one chunk: one compilation
+    assert overlap([[set(head) for head in layer] for layer in kept_positions(cache, 0)], theirs) >= 0.99
+
+
+def test_batch_of_ragged_rows_keeps_what_each_row_keeps_alone(model):
+    press = qfilter(0.5, filters=calibrate_qfilters(model, random_rows([100], seed=9)))
+    rows = random_rows(RAGGED)
+    _, cache = tc.prefill(model, rows, press=press, chunk_size=64)
+    for index, row in enumerate(rows):
+        _, alone = tc.prefill(model, [row], press=press, chunk_size=64)
+        assert kept_positions(cache, index) == kept_positions(alone, 0), f"row {index}"
+
+
+def test_equal_filters_give_the_same_press(tiny_filters):
+    press = qfilter(0.5, filters=tiny_filters)
+    assert press is qfilter(0.5, filters=tiny_filters.copy()) is qfilter(0.5, filters=tiny_filters.tolist())
+    assert press is not qfilter(0.5, filters=-tiny_filters) and press is not qfilter(0.25, filters=tiny_filters)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 8), (2, 3, 8), (2, 2, 16)])
+def test_filters_of_another_model_are_rejected(model, shape):
+    with pytest.raises(ValueError, match="filters is shaped"):
+        tc.prefill(model, [[1, 2, 3, 4]], press=qfilter(0.5, filters=np.ones(shape)))
+
+
+def test_invalid_arguments_are_rejected(model):
+    with pytest.raises(ValueError, match=r"filters must be shaped \[num_layers, num_kv_heads, head_dim\]"):
+        qfilter(0.5, filters=np.ones((2, 8)))
+    with pytest.raises(ValueError, match="filters holds NaN"):
+        qfilter(0.5, filters=np.full((2, 2, 8), np.nan))
+    with pytest.raises(ValueError, match="ratio"):
+        qfilter(1.5, filters=np.ones((2, 2, 8)))
+    with pytest.raises(ValueError, match="chunk_size"):
+        calibrate_qfilters(model, [[1, 2, 3]], chunk_size=0)
+    with pytest.raises(ValueError, match="ids must be token ids"):
+        calibrate_qfilters(model, [[1, 2, 300]])
