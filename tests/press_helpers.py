@@ -2,6 +2,7 @@
 import numpy as np
 
 RAGGED = (40, 17, 64, 29)  # row lengths of ragged batches
+EIGHT_ROWS = (40, 17, 64, 29, 51, 12, 33, 60)  # a batch of 8 rows of different lengths
 
 
 def random_rows(lengths, seed=0, vocab=64):

@@ -8,14 +8,14 @@ import pytest
 
 import tokcomp_jax as tc
 from tokcomp_jax.presses import Budget, keep_top
-from press_helpers import kept_positions, random_rows
+from press_helpers import EIGHT_ROWS, kept_positions, random_rows
 
 PRESSES = {
     "streaming_llm": tc.presses.streaming_llm,
     "knorm": tc.presses.knorm,
     "snapkv": lambda ratio=None, **kw: tc.presses.snapkv(ratio, window_size=8, **kw),
 }
-LENGTHS = (40, 17, 64, 29, 51, 12, 33, 60)
+LENGTHS = EIGHT_ROWS
 
 
 @pytest.mark.parametrize("name", list(PRESSES))

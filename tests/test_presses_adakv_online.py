@@ -8,10 +8,10 @@ import torch
 import tokcomp_jax as tc
 from tokcomp_jax.cache import KVCache, LayerCache
 from tokcomp_jax.presses import Budget
-from press_helpers import kept_positions, random_rows
+from press_helpers import EIGHT_ROWS, kept_positions, random_rows
 
 P = tc.presses
-LENGTHS = (40, 17, 64, 29, 51, 12, 33, 60)
+LENGTHS = EIGHT_ROWS
 
 
 def head_sets(cache, row=0):

@@ -7,7 +7,7 @@ import pytest
 import tokcomp_jax as tc
 from tokcomp_jax.presses.expected_attention import expected_attention, observe_queries
 from tokcomp_jax.presses.pyramidkv import layer_budget, pyramidkv
-from press_helpers import RAGGED, kept_positions, random_rows
+from press_helpers import EIGHT_ROWS, RAGGED, kept_positions, random_rows
 
 LENGTHS = RAGGED
 
@@ -43,7 +43,7 @@ def test_expected_attention_does_not_depend_on_the_chunk_size(model):
 @pytest.mark.parametrize("name", ["expected_attention", "pyramidkv"])
 def test_batch_of_ragged_rows_keeps_what_each_row_keeps_alone(model, name):
     press = expected_attention(0.5) if name == "expected_attention" else pyramidkv(0.5, num_layers=2, window_size=8)
-    rows = random_rows(LENGTHS)
+    rows = random_rows(EIGHT_ROWS)
     _, cache = tc.prefill(model, rows, press=press, chunk_size=16)
     for index, row in enumerate(rows):
         _, alone = tc.prefill(model, [row], press=press, chunk_size=16)

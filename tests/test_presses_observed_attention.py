@@ -7,7 +7,7 @@ import pytest
 
 import tokcomp_jax as tc
 from tokcomp_jax.presses.observed_attention import h2o, mass_scores, observed_attention
-from press_helpers import RAGGED, kept_positions, random_rows
+from press_helpers import EIGHT_ROWS, kept_positions, random_rows
 
 
 
@@ -117,7 +117,7 @@ def test_selection_does_not_depend_on_the_chunk_size(chunked):
 
 
 def test_batch_of_ragged_rows_keeps_what_each_row_keeps_alone(model):
-    rows = random_rows(RAGGED)
+    rows = random_rows(EIGHT_ROWS)
     kept, _, scores, positions = _spied_prefill(model, rows, 16)
     for index, row in enumerate(rows):
         _, alone = tc.prefill(model, [row], press=h2o(0.5), chunk_size=16)

@@ -14,7 +14,7 @@ import torch
 import tokcomp_jax as tc
 from conftest import essay
 from kvpress_parity import full_keys, kvpress_kept, ours_kept, overlap
-from press_helpers import RAGGED, kept_positions, random_rows
+from press_helpers import EIGHT_ROWS, kept_positions, random_rows
 from tokcomp_jax.presses.base import Press
 from tokcomp_jax.presses.qfilter import calibrate_qfilters, qfilter
 
@@ -99,7 +99,7 @@ def test_smollm2_keeps_what_kvpress_keeps(smollm2, hf_smollm2):
 
 def test_batch_of_ragged_rows_keeps_what_each_row_keeps_alone(model):
     press = qfilter(0.5, filters=calibrate_qfilters(model, random_rows([100], seed=9)))
-    rows = random_rows(RAGGED)
+    rows = random_rows(EIGHT_ROWS)
     _, cache = tc.prefill(model, rows, press=press, chunk_size=64)
     for index, row in enumerate(rows):
         _, alone = tc.prefill(model, [row], press=press, chunk_size=64)

@@ -11,16 +11,15 @@ from tokcomp_jax.presses.base import Observation, Press
 from tokcomp_jax.presses.keydiff import keydiff
 from tokcomp_jax.presses.random_press import random
 from tokcomp_jax.presses.tova import _mean_over_heads, tova
-from press_helpers import RAGGED, kept_positions, random_rows
+from press_helpers import EIGHT_ROWS, kept_positions, random_rows
 
 PRESSES = {"tova": tova, "keydiff": keydiff, "random": random}
-LENGTHS = RAGGED
 
 
 @pytest.mark.parametrize("name", list(PRESSES))
 def test_batch_of_ragged_rows_keeps_what_each_row_keeps_alone(model, name):
     press = PRESSES[name](0.5)
-    rows = random_rows(LENGTHS)
+    rows = random_rows(EIGHT_ROWS)
     _, cache = tc.prefill(model, rows, press=press, chunk_size=32)  # 40 and 64 span two chunks
     for index, row in enumerate(rows):
         _, alone = tc.prefill(model, [row], press=press, chunk_size=32)

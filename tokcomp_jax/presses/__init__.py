@@ -5,12 +5,14 @@
 >>> press is tc.presses.snapkv(ratio=0.5)  # equal presses share one compiled program
 True
 """
+from tokcomp_jax.presses.a2sf import a2sf
 from tokcomp_jax.presses.adakv import adakv
 from tokcomp_jax.presses.base import Budget, Observation, Press, Scorer, keep_top, scorer_press
 from tokcomp_jax.presses.compose import chain, per_layer
 from tokcomp_jax.presses.expected_attention import expected_attention
 from tokcomp_jax.presses.keydiff import keydiff
 from tokcomp_jax.presses.knorm import knorm
+from tokcomp_jax.presses.lacache import lacache
 from tokcomp_jax.presses.observed_attention import h2o, observed_attention
 from tokcomp_jax.presses.online import chunkwise
 from tokcomp_jax.presses.pyramidkv import pyramidkv
@@ -23,8 +25,8 @@ from tokcomp_jax.presses.tova import tova
 # Presses by name (for the command line and the evaluation harness): factory(ratio) -> Press.
 PRESSES = {"streaming_llm": streaming_llm, "knorm": knorm, "snapkv": snapkv, "observed_attention": observed_attention,
            "tova": tova, "keydiff": keydiff, "random": random, "expected_attention": expected_attention,
-           "adakv_snapkv": lambda ratio: adakv(snapkv(ratio))}
+           "a2sf": a2sf, "adakv_snapkv": lambda ratio: adakv(snapkv(ratio))}
 
 __all__ = ["PRESSES", "Press", "Scorer", "Observation", "Budget", "keep_top", "scorer_press", "chain", "per_layer",
            "adakv", "chunkwise", "knorm", "snapkv", "streaming_llm", "observed_attention", "h2o", "tova", "keydiff",
-           "random", "expected_attention", "pyramidkv", "qfilter", "calibrate_qfilters"]
+           "random", "expected_attention", "pyramidkv", "a2sf", "lacache", "qfilter", "calibrate_qfilters"]
