@@ -57,3 +57,29 @@ def kvpress_masked_kept(hf_model, press, ids):
         masked = [set(positions[heads == h].tolist()) for h in range(hf_model.config.num_key_value_heads)]
         kept.append([set(range(len(ids))) - m for m in masked])
     return kept
+
+
+def kvpress_answer_token_by_token(hf_model, hf_tokenizer, press, context_ids, question_ids, max_new_tokens):
+    """kvpress's pipeline answer (compress the context, then greedy decoding), feeding one token at
+    a time with SDPA attention, which needs no attention mask: the pipeline sizes its mask from
+    layer 0, so it cannot decode caches whose layers hold different numbers of entries (PyramidKV)."""
+    eager = hf_model.config._attn_implementation
+    hf_model.set_attn_implementation("sdpa")
+    stop = hf_model.generation_config.eos_token_id
+    stop = stop if isinstance(stop, list) else [stop]
+    cache = transformers.DynamicCache()
+    try:
+        with torch.no_grad():
+            with press(hf_model):
+                hf_model(torch.tensor([context_ids]), past_key_values=cache)
+            tokens = list(question_ids)
+            for step in range(len(question_ids) + max_new_tokens - 1):
+                logits = hf_model(torch.tensor([[tokens[step]]]), past_key_values=cache,
+                                  position_ids=torch.tensor([[len(context_ids) + step]])).logits
+                if step >= len(question_ids) - 1:  # the question is in: greedy answer tokens
+                    tokens.append(int(logits[0, -1].argmax()))
+                    if tokens[-1] in stop:
+                        break
+    finally:
+        hf_model.set_attn_implementation(eager)
+    return hf_tokenizer.decode(tokens[len(question_ids):], skip_special_tokens=True)
