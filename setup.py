@@ -29,6 +29,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",
+            "hypothesis>=6.100",
             "torch==2.13.0",
             "transformers>=4.56,<5.3",
             "accelerate>=1.0,<2",

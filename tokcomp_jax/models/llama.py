@@ -121,6 +121,17 @@ class Llama(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype, rngs)
 
+    def check_cache(self, cache: KVCache) -> None:
+        """Raises if `cache` was not made for this model (layers, KV heads, head size)."""
+        c = self.config
+        if len(cache.layers) != c.num_layers:
+            raise ValueError(f"cache has {len(cache.layers)} layers but the model has {c.num_layers}; "
+                             f"make it with model.init_cache.")
+        for layer in cache.layers:
+            if layer.lengths.shape[1] != c.num_kv_heads or layer.keys.shape[-1] != c.head_dim:
+                raise ValueError(f"cache holds {layer.lengths.shape[1]} KV heads of size {layer.keys.shape[-1]} but "
+                                 f"the model has {c.num_kv_heads} of size {c.head_dim}; make it with model.init_cache.")
+
     def init_cache(self, batch: int, capacity: int | list[int]) -> KVCache:
         """An empty cache of `capacity` entries per layer (an int, or one per layer)."""
         c = self.config
@@ -132,6 +143,7 @@ class Llama(nnx.Module):
         """Returns (logits, cache, press_states). With a `press`, each layer's cache goes through
         it right after the layer's attention (kvpress semantics); `press_states` (one per layer,
         from `press.init` when None) carry what it observed in earlier chunks."""
+        self.check_cache(cache)
         positions = cache.num_seen[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
         if press is not None and press_states is None:
             press_states = tuple(press.init(layer, index) for index, layer in enumerate(cache.layers))

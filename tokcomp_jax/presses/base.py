@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -77,6 +78,10 @@ class Budget:
     def __post_init__(self):
         if (self.ratio is None) == (self.tokens is None):
             raise ValueError("give exactly one of ratio (the fraction removed) and tokens (the number kept).")
+        if self.ratio is not None and (isinstance(self.ratio, bool) or not isinstance(self.ratio, numbers.Real)):
+            raise ValueError(f"ratio is the fraction of entries removed, a number in [0, 1); got {self.ratio!r}.")
+        if self.tokens is not None and (isinstance(self.tokens, bool) or not isinstance(self.tokens, numbers.Integral)):
+            raise ValueError(f"tokens is the number of entries kept, a whole number >= 1; got {self.tokens!r}.")
         if self.ratio is not None and not 0 <= self.ratio < 1:
             raise ValueError(f"ratio is the fraction of entries removed and must be in [0, 1), got {self.ratio}.")
         if self.tokens is not None and self.tokens < 1:
