@@ -7,6 +7,8 @@ import tempfile
 # tests run SmolLM2 on the same shapes. Set before JAX is imported so that subprocesses inherit it.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "tokcomp_jax_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# A size limit turns on the cache's file lock, so that no process reads an entry half written.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import pytest  # noqa: E402
 
