@@ -1,4 +1,6 @@
 """Shared checks against kvpress: which entries it keeps, located in the uncompressed cache."""
+import contextlib
+
 import numpy as np
 import torch
 import transformers
@@ -40,17 +42,23 @@ def overlap(ours, theirs):
     return shared / sum(len(b) for lb in theirs for b in lb)
 
 
+@contextlib.contextmanager
+def sdpa(hf_model):
+    """Runs `hf_model` with SDPA attention for the block, then with its own again."""
+    own = hf_model.config._attn_implementation
+    hf_model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        hf_model.set_attn_implementation(own)
+
+
 def kvpress_masked_kept(hf_model, press, ids):
     """Per layer and KV head, the positions a kvpress press that masks instead of evicting (AdaKV)
     keeps: all but those in each attention module's `masked_key_indices`. Such presses refuse eager
     attention, so the model runs with SDPA for the call."""
-    eager = hf_model.config._attn_implementation
-    hf_model.set_attn_implementation("sdpa")
-    try:
-        with torch.no_grad(), press(hf_model):
-            hf_model(torch.tensor([ids]), past_key_values=transformers.DynamicCache())
-    finally:
-        hf_model.set_attn_implementation(eager)
+    with sdpa(hf_model), torch.no_grad(), press(hf_model):
+        hf_model(torch.tensor([ids]), past_key_values=transformers.DynamicCache())
     kept = []
     for layer in hf_model.model.layers:
         _, heads, positions = layer.self_attn.masked_key_indices
@@ -63,23 +71,18 @@ def kvpress_answer_token_by_token(hf_model, hf_tokenizer, press, context_ids, qu
     """kvpress's pipeline answer (compress the context, then greedy decoding), feeding one token at
     a time with SDPA attention, which needs no attention mask: the pipeline sizes its mask from
     layer 0, so it cannot decode caches whose layers hold different numbers of entries (PyramidKV)."""
-    eager = hf_model.config._attn_implementation
-    hf_model.set_attn_implementation("sdpa")
     stop = hf_model.generation_config.eos_token_id
     stop = stop if isinstance(stop, list) else [stop]
     cache = transformers.DynamicCache()
-    try:
-        with torch.no_grad():
-            with press(hf_model):
-                hf_model(torch.tensor([context_ids]), past_key_values=cache)
-            tokens = list(question_ids)
-            for step in range(len(question_ids) + max_new_tokens - 1):
-                logits = hf_model(torch.tensor([[tokens[step]]]), past_key_values=cache,
-                                  position_ids=torch.tensor([[len(context_ids) + step]])).logits
-                if step >= len(question_ids) - 1:  # the question is in: greedy answer tokens
-                    tokens.append(int(logits[0, -1].argmax()))
-                    if tokens[-1] in stop:
-                        break
-    finally:
-        hf_model.set_attn_implementation(eager)
+    with sdpa(hf_model), torch.no_grad():
+        with press(hf_model):
+            hf_model(torch.tensor([context_ids]), past_key_values=cache)
+        tokens = list(question_ids)
+        for step in range(len(question_ids) + max_new_tokens - 1):
+            logits = hf_model(torch.tensor([[tokens[step]]]), past_key_values=cache,
+                              position_ids=torch.tensor([[len(context_ids) + step]])).logits
+            if step >= len(question_ids) - 1:  # the question is in: greedy answer tokens
+                tokens.append(int(logits[0, -1].argmax()))
+                if tokens[-1] in stop:
+                    break
     return hf_tokenizer.decode(tokens[len(question_ids):], skip_special_tokens=True)

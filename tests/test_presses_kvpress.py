@@ -16,7 +16,7 @@ import transformers
 import tokcomp_jax as tc
 from conftest import essay
 from kvpress_parity import (full_keys, kvpress_answer_token_by_token, kvpress_kept, kvpress_masked_kept, ours_kept,
-                            overlap)
+                            overlap, sdpa)
 
 P = tc.presses
 # name -> (our press for (ratio, num_layers), kvpress's press for ratio)
@@ -45,16 +45,9 @@ def theirs_kept(hf_model, name, ratio, ids, uncompressed):
     return kvpress_kept(hf_model, press, ids, uncompressed)
 
 
-@contextlib.contextmanager
 def attention_for(hf_model, name):
     """kvpress's masking presses refuse eager attention; the others run with it (H2O reads it)."""
-    eager = hf_model.config._attn_implementation
-    if name in MASKING:
-        hf_model.set_attn_implementation("sdpa")
-    try:
-        yield
-    finally:
-        hf_model.set_attn_implementation(eager)
+    return sdpa(hf_model) if name in MASKING else contextlib.nullcontext()
 
 
 @pytest.fixture(scope="module")

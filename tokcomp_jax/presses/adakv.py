@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jaxtyping import Array, Bool, Int
+from jaxtyping import Array, Bool
 
 from tokcomp_jax.cache import LayerCache, RaggedLayerCache
-from tokcomp_jax.presses.base import Press, press_factory, ranked_scores, require_uniform
+from tokcomp_jax.presses.base import (Press, per_length, press_factory, prompt_slots, ranked_scores,
+                                      require_uniform)
 
 
 def pack_ragged(layer: LayerCache, keep: Bool[Array, "B Hkv C"], room: int, capacity: int) -> RaggedLayerCache:
@@ -33,10 +33,6 @@ def pack_ragged(layer: LayerCache, keep: Bool[Array, "B Hkv C"], room: int, capa
     return RaggedLayerCache(keys=pool(layer.keys, 0, (batch, capacity, dim)),
                             values=pool(layer.values, 0, (batch, capacity, dim)),
                             positions=pool(layer.positions, -1, (batch, capacity)), starts=starts, lengths=counts)
-
-
-def _lookup(table: list[int], lengths: Int[Array, "B"]) -> Int[Array, "B"]:
-    return jnp.asarray(np.array(table, np.int32))[jnp.clip(lengths, 0, len(table) - 1)]
 
 
 @press_factory
@@ -72,12 +68,11 @@ def adakv(press: Press, *, alpha_safeguard: float = 0.20) -> Press:
             state = scorer.observe(state, layer, obs)
         if not obs.last_chunk or budget.ratio == 0:
             return layer, state
-        longest = layer.capacity - obs.room  # the cache was sized for the prompt plus `room`
         batch, kv_heads, slots = layer.positions.shape
-        kept_table = [budget.kept_count(n) for n in range(longest + 1)]
+        kept_table = [budget.kept_count(n) for n in range(prompt_slots(layer, obs) + 1)]
         lengths = layer.lengths[:, 0]  # before compression every head holds the row's tokens
-        n_kept = _lookup(kept_table, lengths)  # [B] per head
-        safe = _lookup([n_safe(k) for k in kept_table], lengths)
+        n_kept = per_length(kept_table, lengths)  # [B] per head
+        safe = per_length([n_safe(k) for k in kept_table], lengths)
         scores = ranked_scores(layer, scorer.score(layer, obs, state))
         # The safeguard: each head's best `safe` entries outrank every other entry.
         most_safe = max(n_safe(k) for k in kept_table)

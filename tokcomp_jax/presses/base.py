@@ -95,8 +95,19 @@ class Budget:
 
     def kept(self, lengths: Int[Array, "..."], longest: int) -> Int[Array, "..."]:
         """`kept_count` of every length up to `longest`, exactly as in float64 (a lookup table)."""
-        table = np.array([self.kept_count(n) for n in range(longest + 1)], np.int32)
-        return jnp.asarray(table)[jnp.clip(lengths, 0, longest)]
+        return per_length([self.kept_count(n) for n in range(longest + 1)], lengths)
+
+
+def per_length(table: list[int], lengths: Int[Array, "..."]) -> Int[Array, "..."]:
+    """`table[length]` for each of `lengths` (clipped to the table): budgets computed on the host,
+    in float64, for every length a row may have."""
+    return jnp.asarray(np.array(table, np.int32))[jnp.clip(lengths, 0, len(table) - 1)]
+
+
+def prompt_slots(layer: LayerCache, obs: Observation) -> int:
+    """The most entries a row holds once the prompt is in: the cache was sized for the prompt plus
+    the `obs.room` slots asked to stay free after compression."""
+    return layer.capacity - obs.room
 
 
 def require_uniform(layer) -> None:
@@ -158,7 +169,7 @@ def scorer_press(score: Callable[[LayerCache, Observation, Any], Scores], budget
             state = observe(state, layer, obs)
         if not obs.last_chunk:
             return layer, state
-        longest = layer.capacity - obs.room  # the cache was sized for the prompt plus `room`
+        longest = prompt_slots(layer, obs)
         capacity = budget.kept_count(longest) + obs.room
         n_kept = budget.kept(layer.lengths, longest)
         return keep_top(layer, score(layer, obs, state), n_kept, capacity), state

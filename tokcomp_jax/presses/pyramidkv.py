@@ -3,10 +3,8 @@ information funnelling"), so lower layers keep more entries and upper layers few
 total; within a layer the entries are chosen by SnapKV's window attention."""
 from __future__ import annotations
 
-import jax.numpy as jnp
-import numpy as np
 
-from tokcomp_jax.presses.base import Budget, Press, keep_top, no_state, press_factory
+from tokcomp_jax.presses.base import Budget, Press, keep_top, no_state, per_length, press_factory, prompt_slots
 from tokcomp_jax.presses.snapkv import snapkv_scores
 
 
@@ -56,11 +54,10 @@ def pyramidkv(ratio: float | None = None, *, num_layers: int, window_size: int =
             return layer, state
         if not 0 <= obs.layer_index < num_layers:
             raise ValueError(f"pyramidkv was made for num_layers={num_layers} but layer {obs.layer_index} came.")
-        longest = layer.capacity - obs.room  # the cache was sized for the prompt plus `room`
-        table = np.array([layer_budget(n, obs.layer_index, num_layers, ratio, window_size, beta)
-                          for n in range(longest + 1)], np.int32)
-        capacity = int(table.max()) + obs.room
-        n_kept = jnp.asarray(table)[jnp.clip(layer.lengths, 0, longest)]
+        table = [layer_budget(n, obs.layer_index, num_layers, ratio, window_size, beta)
+                 for n in range(prompt_slots(layer, obs) + 1)]
+        capacity = max(table) + obs.room
+        n_kept = per_length(table, layer.lengths)
         return keep_top(layer, snapkv_scores(layer, obs, window_size, kernel_size), n_kept, capacity), state
 
     return Press(init=no_state, compress=compress)

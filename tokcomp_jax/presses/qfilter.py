@@ -14,7 +14,6 @@ layout `[layers, KV heads, head_dim]`, as do the filters here (published ones ca
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +21,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Float
 
-from tokcomp_jax.generation import DEFAULT_CHUNK_SIZE, pad_batch
+from tokcomp_jax.generation import DEFAULT_CHUNK_SIZE, _forward_jit_donating, pad_batch
 from tokcomp_jax.presses.base import Budget, Press, press_factory, scorer_press
 
 
@@ -99,13 +98,6 @@ def _query_moments(num_heads: int) -> Press:
     return Press(init=init, compress=compress)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "press"), donate_argnames=("cache", "stats"))
-def _observe_chunk(graphdef, state, ids, valid, cache, stats, press):
-    """Runs the model on one chunk with `press` observing it: (cache, per-layer press states)."""
-    _, cache, stats = nnx.merge(graphdef, state)(ids, cache, valid, all_logits=False, press=press, press_states=stats)
-    return cache, stats
-
-
 def calibrate_qfilters(model, ids, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Float[np.ndarray, "L Hkv D"]:
     """Q-Filters `[layers, KV heads, head_dim]` estimated from the model's queries on calibration
     `ids` (one list, a list of lists of any lengths, or an `[B, S]` array), run in chunks of
@@ -141,8 +133,8 @@ def calibrate_qfilters(model, ids, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> F
     stats = tuple(press.init(layer, index) for index, layer in enumerate(cache.layers))
     graphdef, state = nnx.split(model)
     for start in range(0, width, chunk):
-        cache, stats = _observe_chunk(graphdef, state, ids[:, start:start + chunk], valid[:, start:start + chunk],
-                                      cache, stats, press)
+        _, cache, stats = _forward_jit_donating(graphdef, state, ids[:, start:start + chunk], cache,
+                                                valid[:, start:start + chunk], False, press, stats)
     sums = np.stack([np.asarray(s, np.float64) for s, _ in stats])  # [L, H, D]
     moments = np.stack([np.asarray(m, np.float64) for _, m in stats])  # [L, H, D, D]
     first = np.linalg.eigh(moments)[1][..., -1]  # eigenvalues ascend: the last column is the top one

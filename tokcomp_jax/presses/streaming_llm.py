@@ -2,7 +2,7 @@
 most recent ones."""
 import jax.numpy as jnp
 
-from tokcomp_jax.presses.base import Budget, Press, press_factory, scorer_press
+from tokcomp_jax.presses.base import Budget, Press, press_factory, prompt_slots, scorer_press
 
 
 @press_factory
@@ -17,8 +17,7 @@ def streaming_llm(ratio: float | None = None, *, tokens: int | None = None, n_si
     budget = Budget(ratio, tokens)
 
     def score(layer, obs, state):
-        longest = layer.capacity - obs.room
-        n_pruned = layer.lengths - budget.kept(layer.lengths, longest)  # [B, Hkv]
+        n_pruned = layer.lengths - budget.kept(layer.lengths, prompt_slots(layer, obs))  # [B, Hkv]
         # Slots, not positions (as kvpress): the oldest entries still cached are the sinks.
         slot = jnp.arange(layer.capacity)
         keep = (slot < n_sink) | (slot >= n_sink + n_pruned[..., None])
