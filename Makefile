@@ -1,4 +1,4 @@
-# The two set-up commands: `make demo` (main job on the default model) and `make test` (test suite).
+# The two set-up commands: `make demo` (main job: the default evaluation sweep on the default model) and `make test` (test suite).
 # Each creates the virtual environment in .venv on first use and installs what it needs.
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,7 +20,7 @@ $(VENV)/.test: $(VENV)/.core
 	touch $@
 
 demo: $(VENV)/.core
-	$(VENV)/bin/tokcomp-jax generate --prompt "What is the capital of France?"
+	$(VENV)/bin/tokcomp-jax eval
 
 test: $(VENV)/.test
 	$(VENV)/bin/python -m pytest -n 2 --durations=15

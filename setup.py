@@ -23,6 +23,7 @@ setup(
         "ml-collections>=1.0",
         "jaxtyping>=0.2.36",
         "tqdm>=4.66",
+        "matplotlib>=3.8",
     ],
     extras_require={
         # Reference implementations for parity tests (PyTorch CPU).

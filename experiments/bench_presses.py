@@ -28,13 +28,9 @@ from absl import app
 from ml_collections import config_flags
 
 import tokcomp_jax as tc
+from kvpress_counterparts import KVPRESS, kvpress_press
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
-
-# kvpress's class for each press name (ours: tc.presses.PRESSES, and tc.presses.pyramidkv).
-KVPRESS = {"streaming_llm": "StreamingLLMPress", "knorm": "KnormPress", "snapkv": "SnapKVPress",
-           "observed_attention": "ObservedAttentionPress", "tova": "TOVAPress", "keydiff": "KeyDiffPress",
-           "random": "RandomPress", "expected_attention": "ExpectedAttentionPress", "pyramidkv": "PyramidKVPress"}
 
 
 def press_names(presses) -> list[str]:
@@ -45,13 +41,6 @@ def press_names(presses) -> list[str]:
         raise ValueError(f"config.presses has unknown press names {unknown or list(presses)}; "
                          f"known presses: {', '.join(sorted(KVPRESS))}.")
     return names
-
-
-def our_press(name: str, ratio: float, model) -> tc.presses.Press:
-    """Our press `name` at `ratio` for `model`."""
-    if name == "pyramidkv":
-        return tc.presses.pyramidkv(ratio, num_layers=model.config.num_layers)
-    return tc.presses.PRESSES[name](ratio)
 
 
 def essay_ids(tokenizer, name: str, length: int) -> np.ndarray:
@@ -115,9 +104,9 @@ def main(argv):
             return run
 
         for name in names:
-            kv_press = getattr(kvpress, KVPRESS[name])(compression_ratio=config.ratio)
+            kv_press = kvpress_press(kvpress, name, config.ratio)
             prefill, pressed = zip(  # each (ours, kvpress)
-                paired_medians(ours(), ours(our_press(name, config.ratio, model)), config.repeats),
+                paired_medians(ours(), ours(tc.presses.make_press(name, config.ratio, model)), config.repeats),
                 paired_medians(theirs(), theirs(kv_press), config.repeats))
             overhead = [100 * (p - q) / q for p, q in zip(pressed, prefill)]
             print(f"{name:>18} {length:>6} {prefill[0]:>14.4f} {pressed[0]:>13.4f} {overhead[0]:>10.1f} "

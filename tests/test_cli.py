@@ -26,6 +26,26 @@ def test_generate_with_a_press_reports_a_smaller_cache():
     assert cache_mib < 0.8 * (64 + 8) * 46440 / 2**20
 
 
+def test_eval_sweeps_writes_the_report_and_resumes(tmp_path):
+    args = ("eval", "--presses", "none,knorm", "--ratios", "0.5", "--lengths", "256", "--num_cases", "2",
+            "--output_dir", str(tmp_path))
+    result = _cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| press | ratio | acc. @256 | cache MiB | cache % of full |" in result.stdout
+    knorm = next(line for line in result.stdout.splitlines() if line.startswith("| knorm | 0.50 |"))
+    assert 45 < float(knorm.split("|")[5]) <= 50  # cache % of full: half the context's entries
+    assert f"Plot: {tmp_path / 'report.png'}" in result.stdout and (tmp_path / "report.png").stat().st_size > 10_000
+    assert "eval: 100%" in result.stderr  # the progress bar, with its ETA while running
+    report = (tmp_path / "report.md").read_text()
+    assert report.count("\n| ") >= 3 and "Command: `tokcomp-jax eval --presses none,knorm" in report
+    results = (tmp_path / "results.jsonl").read_text()
+    assert results.count("\n") == 4
+    again = _cli(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "results.jsonl").read_text() == results  # nothing was run again
+    assert again.stdout.split("Plot:")[0] == result.stdout.split("Plot:")[0]
+
+
 def test_info_reports_parameters_and_cache_bytes_per_token():
     result = _cli("info")
     assert result.returncode == 0, result.stderr
@@ -39,7 +59,14 @@ def test_info_reports_parameters_and_cache_bytes_per_token():
     (("generate", "--prompt", "hi", "--model", "/no/such/model.gguf"), "neither a known model"),
     (("generate", "--prompt", "hi", "--top_p", "0"), "top_p must be in (0, 1]"),
     (("generate",), "generate needs --prompt"),
-    (("summarize",), "usage: tokcomp-jax {generate|info}"),
+    (("summarize",), "usage: tokcomp-jax {generate|eval|info}"),
+    (("eval", "--presses", "none,zip"), "presses must name presses of none, streaming_llm"),
+    (("eval", "--ratios", "0.5,x"), "--ratios takes comma-separated floats"),
+    (("eval", "--ratios", "1"), "ratios must be fractions of entries removed"),
+    (("eval", "--lengths", "64"), "lengths must be context lengths in tokens, each >= 128"),
+    (("eval", "--data", "/no/such.jsonl"), "data='/no/such.jsonl' is not a file"),
+    (("eval", "--task", "perplexity", "--presses", "snapkv,expected_attention"),
+     "press 'expected_attention' cannot"),
     (("generate", "--prompt", "hi", "--press", "zip"), "--press 'zip' is not a press"),
     (("generate", "--prompt", "hi", "--press", "knorm", "--ratio", "1.5"), "ratio is the fraction"),
 ])

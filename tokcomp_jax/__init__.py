@@ -6,7 +6,8 @@
 >>> logits.shape, cache.lengths.shape, cache.positions[0].shape
 ((2, 64), (2, 2, 2), (2, 2, 8))
 """
-from tokcomp_jax import evaluation, presses, testing
+from tokcomp_jax import presses  # first: the evaluation imports the generation loop, which the presses need
+from tokcomp_jax import evaluation, testing
 from tokcomp_jax.cache import KVCache, LayerCache, RaggedLayerCache
 from tokcomp_jax.checkpoints import CheckpointError, Tokenizer, load
 from tokcomp_jax.generation import (Generation, answer_questions, decode, generate, generate_ids, pad_batch,

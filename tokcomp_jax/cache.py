@@ -211,6 +211,14 @@ class KVCache:
         """Bytes the cache really holds (all layers' arrays plus `num_seen`)."""
         return sum(layer.nbytes for layer in self.layers) + _nbytes(self.num_seen)
 
+    def entry_nbytes(self) -> np.ndarray:
+        """`[B]` bytes of the entries each row holds (its keys, values and positions in valid slots,
+        all layers), whatever the allocated capacity: what a compressed cache costs per row."""
+        per_entry = [2 * layer.keys.shape[-1] * layer.keys.dtype.itemsize + layer.positions.dtype.itemsize
+                     for layer in self.layers]
+        held = np.asarray(self.lengths).sum(axis=2, dtype=np.int64)  # [L, B]
+        return (held * np.asarray(per_entry, np.int64)[:, None]).sum(axis=0)
+
     def free_slots(self) -> np.ndarray:
         """`[L]` the most entries that every (row, KV head) of each layer can still take (one
         device-to-host copy)."""

@@ -1,12 +1,15 @@
 """The `tokcomp-jax` command.
 
   tokcomp-jax generate --prompt "What is the capital of France?"   answer a prompt
+  tokcomp-jax eval --presses none,knorm,snapkv --ratios 0.5          sweep presses on long-context tasks
   tokcomp-jax info                                                  describe a model and its cache
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
+import shlex
 import sys
 import time
 
@@ -15,11 +18,12 @@ from absl import app, flags
 from flax import nnx
 
 from tokcomp_jax.checkpoints import DEFAULT_MODEL, load
+from tokcomp_jax.evaluation import reports, runner
 from tokcomp_jax.generation import encode_prompts, generate_ids, stop_token_ids, text_streamer
-from tokcomp_jax.presses import PRESSES
+from tokcomp_jax.presses import PRESS_NAMES, make_press
 from tokcomp_jax.sampling import SamplingConfig
 
-COMMANDS = ("generate", "info")
+COMMANDS = ("generate", "eval", "info")
 
 _MODEL = flags.DEFINE_string("model", DEFAULT_MODEL, "Known model name, .gguf file or Hugging Face directory.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter and cache dtype: float32 or bfloat16.")
@@ -31,8 +35,21 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample within the smallest set of thi
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed for sampling.")
 _CHAT = flags.DEFINE_bool("chat", True, "Wrap prompts in the model's chat template.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 512, "Prefill chunk size in tokens.")
-_PRESS = flags.DEFINE_string("press", None, "KV-cache press applied to the prompt, e.g. snapkv (see tc.presses.PRESSES).")
+_PRESS = flags.DEFINE_string("press", None,
+                             "KV-cache press applied to the prompt, e.g. snapkv (see tc.presses.PRESS_NAMES).")
 _RATIO = flags.DEFINE_float("ratio", 0.5, "Fraction of the prompt's KV-cache entries the press removes.")
+# eval: the default sweep is the README's main job (minutes on 2 CPU cores).
+_PRESSES = flags.DEFINE_list("presses", ["none", "streaming_llm", "knorm", "snapkv"],
+                             f"eval: presses to sweep, comma-separated, of {', '.join(PRESS_NAMES)}.")
+_RATIOS = flags.DEFINE_list("ratios", ["0.5", "0.75"], "eval: compression ratios to sweep.")
+_LENGTHS = flags.DEFINE_list("lengths", ["512", "1024"], "eval: context lengths in tokens to sweep.")
+_TASK = flags.DEFINE_enum("task", "niah", list(runner.TASKS), "eval: the long-context task.")
+_DATA = flags.DEFINE_string("data", None, "eval: a JSONL file of {context, question, answers} rows (replaces --task).")
+_CASES = flags.DEFINE_integer("num_cases", 4, "eval: cases per context length (needles at evenly spread depths).")
+_BATCH = flags.DEFINE_integer("batch_size", 4, "eval: cases run together in one batch.")
+_QUERY_AWARE = flags.DEFINE_bool("query_aware", False, "eval: compress the context with the question in it.")
+_OUTPUT = flags.DEFINE_string("output_dir", "eval_results", "eval: where results.jsonl, report.md and report.png go; "
+                              "a rerun resumes from results.jsonl.")
 
 
 def _log(message: str) -> None:
@@ -60,10 +77,12 @@ def generate_command() -> None:
     sampling = SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     press = None
     if _PRESS.value is not None:
-        if _PRESS.value not in PRESSES:
-            raise ValueError(f"--press {_PRESS.value!r} is not a press; choose one of {', '.join(PRESSES)}.")
-        press = PRESSES[_PRESS.value](_RATIO.value)
+        if _PRESS.value not in PRESS_NAMES:
+            raise ValueError(f"--press {_PRESS.value!r} is not a press; choose one of {', '.join(PRESS_NAMES)}.")
     model, tokenizer = _load()
+    if _PRESS.value is not None:
+        calibration = tokenizer.encode(runner.calibration_text(tokenizer)) if _PRESS.value == "qfilter" else None
+        press = make_press(_PRESS.value, _RATIO.value, model, calibration)
     prompts = _PROMPT.value
     ids = encode_prompts(tokenizer, prompts, _CHAT.value and tokenizer.chat_template is not None)
     show = text_streamer(tokenizer, 1, lambda _, text: print(text, end="", flush=True))
@@ -81,6 +100,42 @@ def generate_command() -> None:
          f"({prompt_tokens / result.prefill_seconds:.0f} tok/s, compilation included); "
          f"decode: {sum(map(len, result.tokens))} tokens in {result.decode_seconds:.2f} s "
          f"({result.tokens_per_second:.1f} tok/s); cache: {result.cache.nbytes / 2**20:.2f} MiB")
+
+
+def _numbers(flag, kind):
+    try:
+        return tuple(kind(v) for v in flag.value)
+    except ValueError:
+        raise ValueError(f"--{flag.name} takes comma-separated {kind.__name__}s, "
+                         f"got {','.join(flag.value)!r}.") from None
+
+
+def eval_command() -> None:
+    from tqdm import tqdm
+
+    sweep = runner.Sweep(presses=tuple(_PRESSES.value), ratios=_numbers(_RATIOS, float),
+                         lengths=_numbers(_LENGTHS, int), task=_TASK.value, num_cases=_CASES.value, seed=_SEED.value,
+                         batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value if _MAX_NEW.present else None,
+                         query_aware=_QUERY_AWARE.value, chunk_size=_CHUNK.value, data=_DATA.value)
+    os.makedirs(_OUTPUT.value, exist_ok=True)
+    results = os.path.join(_OUTPUT.value, "results.jsonl")
+    model, tokenizer = _load()
+
+    def progress(batches):
+        bar = tqdm(batches, unit="batch", dynamic_ncols=True, desc="eval")
+        for batch in bar:
+            bar.set_postfix_str(f"{batch.press} {batch.ratio:.2f} @{batch.length}")
+            yield batch
+
+    records = runner.run_sweep(model, tokenizer, sweep, results, model_name=_MODEL.value, progress=progress)
+    title = (f"{_MODEL.value} ({model.dtype.name}), task {sweep.task_name}, "
+             f"{'query-aware' if sweep.query_aware else 'question-agnostic'}")
+    table = reports.markdown_table(records)
+    command = shlex.join(["tokcomp-jax", *sys.argv[1:]])
+    with open(os.path.join(_OUTPUT.value, "report.md"), "w", encoding="utf-8") as f:
+        f.write(f"# {title}\n\nCommand: `{command}`\n\n{table}\n")
+    path = reports.plot(records, os.path.join(_OUTPUT.value, "report.png"), title)
+    print(f"\n{title}\n\n{table}\n\nPlot: {path}\nResults: {results} ({len(records)} cases)")
 
 
 def info_command() -> None:
@@ -109,7 +164,7 @@ def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: tokcomp-jax {{{'|'.join(COMMANDS)}}} [--flags]; got {argv[1:]}.")
     try:
-        {"generate": generate_command, "info": info_command}[argv[1]]()
+        {"generate": generate_command, "eval": eval_command, "info": info_command}[argv[1]]()
     except ValueError as e:  # bad input (CheckpointError included): a message, not a traceback
         _log(f"tokcomp-jax: error: {e}")
         sys.exit(1)

@@ -18,15 +18,12 @@ from tokcomp_jax.presses.online import chunkwise
 from tokcomp_jax.presses.pyramidkv import pyramidkv
 from tokcomp_jax.presses.qfilter import calibrate_qfilters, qfilter
 from tokcomp_jax.presses.random_press import random
+from tokcomp_jax.presses.registry import PRESS_NAMES, PRESSES, make_press
 from tokcomp_jax.presses.snapkv import snapkv
 from tokcomp_jax.presses.streaming_llm import streaming_llm
 from tokcomp_jax.presses.tova import tova
 
-# Presses by name (for the command line and the evaluation harness): factory(ratio) -> Press.
-PRESSES = {"streaming_llm": streaming_llm, "knorm": knorm, "snapkv": snapkv, "observed_attention": observed_attention,
-           "tova": tova, "keydiff": keydiff, "random": random, "expected_attention": expected_attention,
-           "a2sf": a2sf, "adakv_snapkv": lambda ratio: adakv(snapkv(ratio))}
-
-__all__ = ["PRESSES", "Press", "Scorer", "Observation", "Budget", "keep_top", "scorer_press", "chain", "per_layer",
-           "adakv", "chunkwise", "knorm", "snapkv", "streaming_llm", "observed_attention", "h2o", "tova", "keydiff",
-           "random", "expected_attention", "pyramidkv", "a2sf", "lacache", "qfilter", "calibrate_qfilters"]
+__all__ = ["PRESSES", "PRESS_NAMES", "make_press", "Press", "Scorer", "Observation", "Budget", "keep_top",
+           "scorer_press", "chain", "per_layer", "adakv", "chunkwise", "knorm", "snapkv", "streaming_llm",
+           "observed_attention", "h2o", "tova", "keydiff", "random", "expected_attention", "pyramidkv", "a2sf",
+           "lacache", "qfilter", "calibrate_qfilters"]

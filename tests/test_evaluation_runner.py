@@ -1,0 +1,212 @@
+"""The sweep runner: records, memory accounting, resuming after a kill, reports and compile timing."""
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import tokcomp_jax as tc
+from tokcomp_jax.checkpoints import GGUFFile, resolve_model_path
+from tokcomp_jax.evaluation import reports, runner
+from tokcomp_jax.evaluation.runner import Sweep, read_results, record_key, run_sweep
+
+SMALL = dict(presses=("none", "knorm", "streaming_llm"), ratios=(0.25, 0.5), lengths=(200, 260), task="passkey",
+             num_cases=3, batch_size=2, max_new_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random 2-layer Llama over SmolLM2's vocabulary, and SmolLM2's tokenizer (chat template included)."""
+    tokenizer = tc.Tokenizer.from_gguf(GGUFFile(resolve_model_path("smollm2-135m-instruct")))
+    return tc.testing.tiny_llama(vocab_size=tokenizer.vocab_size), tokenizer
+
+
+def test_a_sweep_records_every_case_once_with_the_bytes_its_cache_holds(tiny, tmp_path):
+    model, tokenizer = tiny
+    sweep = Sweep(**SMALL)
+    records = run_sweep(model, tokenizer, sweep, tmp_path / "r.jsonl", model_name="tiny")
+    assert len(records) == (1 + 2 * 2) * 2 * 3  # (full + 2 presses x 2 ratios) x 2 lengths x 3 cases
+    assert len({record_key(r) for r in records}) == len(records)
+    assert len(read_results(tmp_path / "r.jsonl")) == len(records)
+    per_token = 2 * 2 * (2 * 8 * 4 + 4)  # layers x KV heads x (key + value + position)
+    for r in records:
+        assert r["length"] - 50 <= r["context_tokens"] <= r["length"]  # whole sentences
+        assert r["full_cache_bytes"] == r["context_tokens"] * per_token
+        kept = r["context_tokens"] if r["press"] == "none" else max(1, int(r["context_tokens"] * (1 - r["ratio"])))
+        assert r["cache_bytes"] == kept * per_token
+        assert 0 <= r["score"] <= 1 and r["new_tokens"] <= 4
+        assert r["prefill_seconds"] > 0 and r["decode_seconds"] > 0
+    depths = [r["depth"] for r in records if r["press"] == "none" and r["length"] == 200]
+    assert depths == pytest.approx([1 / 6, 0.5, 5 / 6], abs=1e-4)
+
+
+def test_a_sweep_cut_short_resumes_without_redoing_or_losing_cases(tiny, tmp_path):
+    model, tokenizer = tiny
+    sweep = Sweep(**SMALL)
+    whole = run_sweep(model, tokenizer, sweep, tmp_path / "whole.jsonl", model_name="tiny")
+
+    def stop_after(n):
+        def progress(batches):
+            for i, batch in enumerate(batches):
+                if i == n:
+                    raise KeyboardInterrupt
+                yield batch
+        return progress
+
+    path = tmp_path / "cut.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(model, tokenizer, sweep, path, model_name="tiny", progress=stop_after(3))
+    finished = read_results(path)
+    assert len(finished) == 2 + 1 + 2  # 3 batches: 2 + 1 cases at 200 tokens, 2 at 260
+    with open(path, "a") as f:
+        f.write('{"model": "tiny", "dtype": "float32", "task": "pas')  # a line cut by a kill
+    ran = []
+
+    def count(batches):
+        for batch in batches:
+            ran.append(batch)
+            yield batch
+
+    resumed = run_sweep(model, tokenizer, sweep, path, model_name="tiny", progress=count)
+    assert sum(len(b.cases) for b in ran) == len(whole) - len(finished)
+    drop = ("prefill_seconds", "decode_seconds", "compile_seconds")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in whole]
+    with open(path) as f:
+        lines = f.read().splitlines()
+    assert len(lines) == len(whole) and all(json.loads(line) for line in lines)
+    assert run_sweep(model, tokenizer, sweep, path, model_name="tiny", progress=count) == resumed
+    assert sum(len(b.cases) for b in ran) == len(whole) - len(finished)  # nothing ran the third time
+
+
+KILLED_SWEEP = textwrap.dedent("""
+    import sys
+    import tokcomp_jax as tc
+    from tokcomp_jax.checkpoints import GGUFFile, resolve_model_path
+    from tokcomp_jax.evaluation.runner import Sweep, run_sweep
+    tokenizer = tc.Tokenizer.from_gguf(GGUFFile(resolve_model_path("smollm2-135m-instruct")))
+    model = tc.testing.tiny_llama(vocab_size=tokenizer.vocab_size)
+    sweep = Sweep(presses=("none", "knorm", "snapkv", "tova"), ratios=(0.5,), lengths=(160,), task="passkey",
+                  num_cases=4, batch_size=1, max_new_tokens=4)
+    records = run_sweep(model, tokenizer, sweep, sys.argv[1], model_name="tiny")
+    print(len(records))
+""")
+
+
+def test_a_sweep_killed_with_sigkill_resumes(tmp_path):
+    path = tmp_path / "results.jsonl"
+    command = [sys.executable, "-c", KILLED_SWEEP, str(path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if path.exists() and path.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, f"the sweep ended before it was killed: {process.communicate()[1][-2000:]}"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = read_results(path)
+    assert 3 <= len(before) < 16
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "16"
+    after = read_results(path)
+    assert len(after) == 16 and path.read_text().count("\n") == 16
+    assert all(after[k] == v for k, v in before.items())  # finished cases were kept, not redone
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(presses=("zip",)), "presses must name presses"),
+    (dict(ratios=(1.0,)), "ratios must be fractions"),
+    (dict(ratios=("0.5",)), "ratios must be fractions"),
+    (dict(lengths=(64,)), "lengths must be context lengths"),
+    (dict(task="summaries"), "task must be one of"),
+    (dict(data="/no/such/file.jsonl"), "is not a file"),
+    (dict(batch_size=0), "batch_size must be a positive int"),
+    (dict(max_new_tokens=0), "max_new_tokens must be a positive int"),
+])
+def test_bad_sweeps_are_refused_naming_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Sweep(**kwargs)
+
+
+def test_a_results_file_that_is_not_a_sweeps_is_refused_naming_the_line(tmp_path):
+    path = tmp_path / "other.jsonl"
+    path.write_text('{"context": "a", "question": "b", "answers": ["c"]}\n')
+    with pytest.raises(ValueError, match=r"other.jsonl, line 1: not a sweep result"):
+        read_results(path)
+
+
+def test_user_data_runs_as_a_sweep(tiny, tmp_path):
+    model, tokenizer = tiny
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join(json.dumps({"context": f"The code is {n}. " * 20, "question": "What is the code?",
+                                          "answers": [str(n)]}) for n in (17, 42, 99)))
+    sweep = Sweep(presses=("none", "knorm"), ratios=(0.5,), data=str(data), max_new_tokens=3)
+    records = run_sweep(model, tokenizer, sweep, tmp_path / "r.jsonl", model_name="tiny")
+    assert [(r["press"], r["task"], r["answers"]) for r in records] == \
+        [("none", "user:mine.jsonl", [str(n)]) for n in (17, 42, 99)] + \
+        [("knorm", "user:mine.jsonl", [str(n)]) for n in (17, 42, 99)]
+
+
+def test_the_perplexity_task_reads_text_within_the_budget(tiny, tmp_path):
+    model, tokenizer = tiny
+    sweep = Sweep(presses=("none", "streaming_llm"), ratios=(0.5,), lengths=(200,), task="perplexity", num_cases=2,
+                  chunk_size=32)
+    records = run_sweep(model, tokenizer, sweep, tmp_path / "r.jsonl", model_name="tiny")
+    per_token = 2 * 2 * (2 * 8 * 4 + 4)
+    assert [r["press"] for r in records] == ["none", "none", "streaming_llm", "streaming_llm"]
+    for r in records:
+        assert r["scored_tokens"] == r["context_tokens"] - 1 and r["nll"] > 0
+        kept = r["context_tokens"] if r["press"] == "none" else 100
+        assert r["cache_bytes"] == kept * per_token
+    assert records[2]["nll"] != records[0]["nll"]
+    table = reports.markdown_table(records)
+    assert "| press | ratio | ppl @200 |" in table
+    with pytest.raises(ValueError, match="task perplexity compresses the cache while it fills"):
+        Sweep(presses=("observed_attention",), task="perplexity")
+
+
+def _record(press, ratio, length, score, kept):
+    return {"press": press, "ratio": ratio, "length": length, "score": score, "cache_bytes": kept * 10,
+            "full_cache_bytes": length * 10, "context_tokens": length - 8, "question_tokens": 8, "new_tokens": 5,
+            "prefill_seconds": 0.5, "decode_seconds": 0.25}
+
+
+def test_the_report_table_holds_accuracy_memory_and_throughput(tmp_path):
+    records = [_record("none", 0.0, 512, 1.0, 512), _record("none", 0.0, 1024, 1.0, 1024),
+               _record("knorm", 0.5, 512, 1.0, 256), _record("knorm", 0.5, 512, 0.0, 256),
+               _record("knorm", 0.5, 1024, 0.5, 512)]
+    rows = reports.summary(records)
+    assert [(r["press"], r["ratio"], r["cases"]) for r in rows] == [("none", 0.0, 2), ("knorm", 0.5, 3)]
+    knorm = rows[1]
+    assert knorm["by_length"] == {512: 50.0, 1024: 50.0} and knorm["overall"] == 50.0
+    assert knorm["cache_percent"] == pytest.approx(100 * (256 + 256 + 512) / (512 + 512 + 1024))
+    assert knorm["prefill_tps"] == pytest.approx((512 + 512 + 1024) / 1.5)
+    assert knorm["decode_tps"] == pytest.approx(15 / 0.75)
+    table = reports.markdown_table(records)
+    assert table.splitlines()[0].startswith("| press | ratio | acc. @512 | acc. @1024 | acc. (all) |")
+    assert "| knorm | 0.50 | 50.0 | 50.0 | 50.0 |" in table
+    path = reports.plot(records, tmp_path / "report.png", "a title")
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="records is empty"):
+        reports.summary([])
+
+
+def test_the_compile_clock_counts_compilation_only():
+    clock = runner.CompileClock()
+    f = jax.jit(lambda x: jnp.sin(x) * 3 + x.sum())
+    x, y = jnp.arange(17.0), jnp.ones(17)
+    start = time.time()
+    jax.block_until_ready(f(x))
+    middle = time.time()
+    jax.block_until_ready(f(y))
+    end = time.time()
+    assert 0 < clock.within(start, middle) <= middle - start
+    assert clock.within(middle, end) == 0
