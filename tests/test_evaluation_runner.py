@@ -210,3 +210,12 @@ def test_the_compile_clock_counts_compilation_only():
     end = time.time()
     assert 0 < clock.within(start, middle) <= middle - start
     assert clock.within(middle, end) == 0
+
+
+def test_a_corpus_other_than_the_essays_is_part_of_the_task_name(tiny, tmp_path):
+    model, tokenizer = tiny
+    sweep = Sweep(presses=("none",), lengths=(200,), task="passkey", num_cases=1, max_new_tokens=2, corpus="python")
+    (record,) = run_sweep(model, tokenizer, sweep, tmp_path / "r.jsonl", model_name="tiny")
+    assert record["task"] == "passkey@python" and record["context_tokens"] <= 200
+    with pytest.raises(ValueError, match="corpus must be one of essays, shakespeare, python"):
+        Sweep(corpus="poems")

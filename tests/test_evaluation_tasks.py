@@ -65,9 +65,28 @@ def test_context_length_and_determinism(task, tokenizer):
 def test_haystack_is_whole_sentences_of_essays():
     text = tasks.haystack(Words(), 500, seed=3)
     assert 450 <= len(text.split()) <= 500 and text[-1] in ".!?\"')]"
-    corpus = " ".join("".join(tasks._essay_sentences()).split())
+    corpus = " ".join("".join(tasks.corpus_units("essays")).split())
     assert " ".join(text.split()) in corpus and "Before college the two main things I worked on" in corpus
     assert tasks.haystack(Words(), 500, seed=3) == text != tasks.haystack(Words(), 500, seed=4)
+
+
+@pytest.mark.parametrize("corpus, marker", [("shakespeare", "by William Shakespeare"),
+                                            ("python", "def __init__(self")])
+def test_other_corpora_hide_needles_at_depth(corpus, marker):
+    tok = Words()
+    whole = "".join(tasks.corpus_units(corpus))
+    assert marker in whole and len(whole.split()) > 200_000
+    for depth in (0.0, 0.5, 0.9):
+        case = tasks.passkey(tok, 2000, depth, seed=2, corpus=corpus)
+        needle = case.meta["needles"][0]
+        assert 0.97 * 2000 <= case.context_tokens <= 2000
+        assert len(tok.encode(case.context[:case.context.index(needle)])) / case.context_tokens == \
+            pytest.approx(depth, abs=0.03)
+        assert " ".join(case.context.replace(needle, "").split()) in " ".join(whole.split())
+    assert tasks.passkey(tok, 2000, 0.9, seed=2, corpus=corpus) == case  # deterministic
+    assert tasks.common_words(tok, 3000, corpus=corpus).answers != tasks.common_words(tok, 3000).answers
+    with pytest.raises(ValueError, match="corpus must be one of essays, shakespeare, python"):
+        tasks.haystack(tok, 100, corpus="poems")
 
 
 def test_needles_answer_the_question():

@@ -19,6 +19,7 @@ from flax import nnx
 
 from tokcomp_jax.checkpoints import DEFAULT_MODEL, load
 from tokcomp_jax.evaluation import reports, runner
+from tokcomp_jax.evaluation.tasks import CORPORA
 from tokcomp_jax.generation import encode_prompts, generate_ids, stop_token_ids, text_streamer
 from tokcomp_jax.presses import PRESS_NAMES, make_press
 from tokcomp_jax.sampling import SamplingConfig
@@ -44,6 +45,7 @@ _PRESSES = flags.DEFINE_list("presses", ["none", "streaming_llm", "knorm", "snap
 _RATIOS = flags.DEFINE_list("ratios", ["0.5", "0.75"], "eval: compression ratios to sweep.")
 _LENGTHS = flags.DEFINE_list("lengths", ["512", "1024"], "eval: context lengths in tokens to sweep.")
 _TASK = flags.DEFINE_enum("task", "niah", list(runner.TASKS), "eval: the long-context task.")
+_CORPUS = flags.DEFINE_enum("corpus", "essays", list(CORPORA), "eval: the text needles are hidden in.")
 _DATA = flags.DEFINE_string("data", None, "eval: a JSONL file of {context, question, answers} rows (replaces --task).")
 _CASES = flags.DEFINE_integer("num_cases", 4, "eval: cases per context length (needles at evenly spread depths).")
 _BATCH = flags.DEFINE_integer("batch_size", 4, "eval: cases run together in one batch.")
@@ -62,13 +64,6 @@ def _load():
     model, tokenizer = load(_MODEL.value, dtype=_DTYPE.value)
     _log(f"Loaded in {time.perf_counter() - start:.1f} s.")
     return model, tokenizer
-
-
-def cache_bytes_per_token(model) -> int:
-    """Bytes one token adds to the full KV cache: keys, values and its position, in every layer."""
-    c = model.config
-    per_head = 2 * c.head_dim * model.dtype.itemsize + 4
-    return c.num_layers * c.num_kv_heads * per_head
 
 
 def generate_command() -> None:
@@ -116,7 +111,8 @@ def eval_command() -> None:
     sweep = runner.Sweep(presses=tuple(_PRESSES.value), ratios=_numbers(_RATIOS, float),
                          lengths=_numbers(_LENGTHS, int), task=_TASK.value, num_cases=_CASES.value, seed=_SEED.value,
                          batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value if _MAX_NEW.present else None,
-                         query_aware=_QUERY_AWARE.value, chunk_size=_CHUNK.value, data=_DATA.value)
+                         query_aware=_QUERY_AWARE.value, chunk_size=_CHUNK.value, data=_DATA.value,
+                         corpus=_CORPUS.value)
     os.makedirs(_OUTPUT.value, exist_ok=True)
     results = os.path.join(_OUTPUT.value, "results.jsonl")
     model, tokenizer = _load()
@@ -151,8 +147,9 @@ def info_command() -> None:
         ("heads (query / KV)", f"{c.num_heads} / {c.num_kv_heads}, head_dim {c.head_dim}"),
         ("vocabulary", c.vocab_size),
         ("context length", c.max_position_embeddings),
-        ("cache bytes per token", f"{cache_bytes_per_token(model):,}"),
-        ("cache bytes at context length", f"{cache_bytes_per_token(model) * c.max_position_embeddings / 2**20:.1f} MiB"),
+        ("cache bytes per token", f"{runner.cache_bytes_per_token(model):,}"),
+        ("cache bytes at context length",
+         f"{runner.cache_bytes_per_token(model) * c.max_position_embeddings / 2**20:.1f} MiB"),
         ("chat template", "yes" if tokenizer.chat_template else "no"),
     ]
     width = max(len(k) for k, _ in rows)

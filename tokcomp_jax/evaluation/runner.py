@@ -22,20 +22,20 @@ import jax
 from tokcomp_jax.evaluation.data import read_jsonl
 from tokcomp_jax.evaluation.perplexity import perplexity
 from tokcomp_jax.evaluation.scoring import score
-from tokcomp_jax.evaluation.tasks import (Case, common_words, haystack, multi_key, multi_value, passkey,
+from tokcomp_jax.evaluation.tasks import (CORPORA, Case, common_words, haystack, multi_key, multi_value, passkey,
                                           text_needle, variable_tracking)
 from tokcomp_jax.generation import DEFAULT_CHUNK_SIZE, generate_ids, prefill, split_context_and_questions
 from tokcomp_jax.presses.online import chunkwise
 from tokcomp_jax.presses.registry import NO_PRESS, PRESS_NAMES, make_press
 
-def essay(tokenizer, context_tokens: int, seed: int = 0) -> Case:
-    """Essay text to read (the perplexity task): no question, no answer."""
-    return Case("perplexity", haystack(tokenizer, context_tokens, seed), "", (), context_tokens, None,
+def text_to_read(tokenizer, context_tokens: int, seed: int = 0, corpus: str = "essays") -> Case:
+    """Text to read (the perplexity task): no question, no answer."""
+    return Case("perplexity", haystack(tokenizer, context_tokens, seed, corpus), "", (), context_tokens, None,
                 {"metric": "perplexity"})
 
 
 TASKS = {"niah": text_needle, "passkey": passkey, "multi_key": multi_key, "multi_value": multi_value,
-         "variable_tracking": variable_tracking, "common_words": common_words, "perplexity": essay}
+         "variable_tracking": variable_tracking, "common_words": common_words, "perplexity": text_to_read}
 # Tasks whose needle is placed at a chosen depth: a sweep's cases spread it evenly over the context.
 DEPTH_TASKS = ("niah", "passkey", "multi_key")
 # Tokens generated per answer (RULER's tokens_to_generate, shorter where the answer is short).
@@ -48,7 +48,8 @@ class Sweep:
     """What to run: every press in `presses` (names of `tc.presses.PRESS_NAMES`, "none" for the full
     cache) at every ratio in `ratios`, on `num_cases` cases of `task` at each context length in
     `lengths` (tokens of the compressed context: instruction, haystack and chat-template prefix), in
-    batches of `batch_size` rows. `data`, a JSONL file of user cases, replaces task and lengths.
+    batches of `batch_size` rows, the haystack taken from `corpus` (see `tasks.CORPORA`). `data`, a
+    JSONL file of user cases, replaces task, corpus and lengths.
     `max_new_tokens` defaults to the task's `MAX_NEW_TOKENS`."""
 
     presses: tuple[str, ...] = (NO_PRESS, "streaming_llm", "knorm", "snapkv")
@@ -62,6 +63,7 @@ class Sweep:
     query_aware: bool = False
     chunk_size: int = DEFAULT_CHUNK_SIZE
     data: str | None = None
+    corpus: str = "essays"
 
     def __post_init__(self):
         for name in ("presses", "ratios", "lengths"):
@@ -75,6 +77,8 @@ class Sweep:
             if self.task not in TASKS:
                 raise ValueError(f"task must be one of {', '.join(TASKS)} (or give data=a JSONL file); "
                                  f"got {self.task!r}.")
+            if self.corpus not in CORPORA:
+                raise ValueError(f"corpus must be one of {', '.join(CORPORA)}, got {self.corpus!r}.")
             if not self.lengths or any(not isinstance(n, int) or n < 128 for n in self.lengths):
                 raise ValueError(f"lengths must be context lengths in tokens, each >= 128; got {list(self.lengths)}.")
         elif not os.path.isfile(self.data):
@@ -95,8 +99,10 @@ class Sweep:
 
     @property
     def task_name(self) -> str:
-        """The task as results name it: user data by its file's name."""
-        return self.task if self.data is None else f"user:{os.path.basename(self.data)}"
+        """The task as results name it: with its corpus unless essays; user data by its file's name."""
+        if self.data is not None:
+            return f"user:{os.path.basename(self.data)}"
+        return self.task if self.corpus == "essays" else f"{self.task}@{self.corpus}"
 
     @property
     def new_tokens(self) -> int:
@@ -130,10 +136,10 @@ def make_cases(tokenizer, sweep: Sweep, length: int) -> list[Case]:
     spread depths ((i + 0.5) / num_cases), each context fitting `length` tokens once encoded."""
     generator = TASKS[sweep.task]
     if sweep.task == "perplexity":
-        return [generator(tokenizer, length, seed=sweep.seed + i) for i in range(sweep.num_cases)]
+        return [generator(tokenizer, length, seed=sweep.seed + i, corpus=sweep.corpus) for i in range(sweep.num_cases)]
     cases = []
     for i in range(sweep.num_cases):
-        kwargs = {"seed": sweep.seed + i}
+        kwargs = {"seed": sweep.seed + i, "corpus": sweep.corpus}
         if sweep.task in DEPTH_TASKS:
             kwargs["depth"] = round((i + 0.5) / sweep.num_cases, 4)
         case = generator(tokenizer, length, **kwargs)
@@ -190,7 +196,7 @@ def run_batch(model, tokenizer, cases: Sequence[Case], press, *, max_new_tokens:
     prefill_seconds = compressed - start - clock.within(start, compressed) + result.prefill_seconds - clock.within(
         compressed, asked)
     decode_seconds = answered - asked - clock.within(asked, answered)
-    per_token = _entry_bytes_per_token(model)
+    per_token = cache_bytes_per_token(model)
     rows = len(cases)
     records = []
     for case, context, question, tokens, nbytes in zip(cases, contexts, questions, result.tokens, held):
@@ -216,7 +222,7 @@ def run_perplexity_batch(model, tokenizer, cases: Sequence[Case], press, *, chun
     start = time.time()
     result = perplexity(model, ids, press=press, chunk_size=chunk_size)
     end = time.time()
-    per_token = _entry_bytes_per_token(model)
+    per_token = cache_bytes_per_token(model)
     seconds = (end - start - clock.within(start, end)) / len(cases)
     return [{"nll": float(nll.mean()), "scored_tokens": int(nll.size), "context_tokens": len(row),
              "question_tokens": 0, "new_tokens": 0, "cache_bytes": int(nbytes),
@@ -225,8 +231,8 @@ def run_perplexity_batch(model, tokenizer, cases: Sequence[Case], press, *, chun
             for row, nll, nbytes in zip(ids, result.token_nll, result.cache_bytes)]
 
 
-def _entry_bytes_per_token(model) -> int:
-    """Bytes one token's entries take in every layer of an uncompressed cache (keys, values, position)."""
+def cache_bytes_per_token(model) -> int:
+    """Bytes one token adds to the full KV cache: its keys, values and position, in every layer."""
     c = model.config
     return c.num_layers * c.num_kv_heads * (2 * c.head_dim * model.dtype.itemsize + 4)
 
@@ -305,7 +311,7 @@ def run_sweep(model, tokenizer, sweep: Sweep, results_path: str | os.PathLike, *
     clock = CompileClock()
     for batch in (progress or iter)(plan):
         cases = [by_length[batch.length][i] for i in batch.cases]
-        if sweep.task_name == "perplexity":  # a budget in tokens, kept while the cache fills
+        if sweep.task == "perplexity" and sweep.data is None:  # a budget in tokens, kept while the cache fills
             tokens = max(1, int(batch.length * (1 - batch.ratio)))
             press = make_press(batch.press, model=model, tokens=tokens) if batch.press != NO_PRESS else None
             records = run_perplexity_batch(model, tokenizer, cases, press, chunk_size=sweep.chunk_size, clock=clock)

