@@ -17,7 +17,6 @@ times hold for the machine printed above them.
 import contextlib
 import importlib.util
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from absl import app
 from ml_collections import config_flags
 
 import tokcomp_jax as tc
-from kvpress_counterparts import KVPRESS, kvpress_press
+from kvpress_counterparts import KVPRESS, kvpress_press, load_both
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 
@@ -72,20 +71,10 @@ def main(argv):
     del argv
     config = _CONFIG.value
     names = press_names(config.presses)
-    try:
-        import kvpress
-        import torch
-        import transformers
-    except ImportError as e:
-        sys.exit(f"this benchmark compares with kvpress: pip install -e '.[test]' ({e})")
-    transformers.utils.logging.disable_progress_bar()
-    model, tokenizer = tc.load(config.model, dtype=config.dtype)
-    directory, filename = os.path.split(tc.checkpoints.resolve_model_path(config.model))
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=filename, dtype=getattr(torch, config.dtype), attn_implementation="eager").eval()
-    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-          f"jax {jax.__version__} backend {jax.default_backend()} devices {jax.devices()}; "
-          f"torch {torch.__version__} {torch.get_num_threads()} threads, eager attention")
+    both = load_both(config.model, config.dtype, "eager")
+    model, tokenizer, hf_model, kvpress, torch, transformers = (
+        both.model, both.tokenizer, both.hf_model, both.kvpress, both.torch, both.transformers)
+    print(both.machine)
     print(f"model {config.model} {config.dtype}, batch 1, ratio {config.ratio}, median of {config.repeats}, "
           f"our chunk_size {config.chunk_size}")
     print(f"{'press':>18} {'length':>6} {'ours prefill s':>14} {'ours +press s':>13} {'ours ovh %':>10} "

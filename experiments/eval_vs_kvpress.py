@@ -23,12 +23,11 @@ import shlex
 import sys
 import time
 
-import jax
 from absl import app
 from ml_collections import config_flags
 
 import tokcomp_jax as tc
-from kvpress_counterparts import KVPRESS, kvpress_press
+from kvpress_counterparts import KVPRESS, kvpress_press, load_both
 from tokcomp_jax.evaluation import runner
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
@@ -49,27 +48,15 @@ def main(argv):
     del argv
     config = _CONFIG.value
     names = press_names(config.presses)
-    try:
-        import kvpress
-        import torch
-        import transformers
-    except ImportError as e:
-        sys.exit(f"this comparison runs kvpress: pip install -e '.[test]' ({e})")
-    transformers.utils.logging.disable_progress_bar()
-    model, tokenizer = tc.load(config.model, dtype=config.dtype)
-    directory, filename = os.path.split(tc.checkpoints.resolve_model_path(config.model))
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=filename, dtype=getattr(torch, config.dtype), attn_implementation="sdpa").eval()
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=filename)
-    pipe = transformers.pipeline("kv-press-text-generation", model=hf_model, tokenizer=hf_tokenizer)
+    both = load_both(config.model, config.dtype, "sdpa")
+    model, tokenizer, hf_model, kvpress = both.model, both.tokenizer, both.hf_model, both.kvpress
+    pipe = both.transformers.pipeline("kv-press-text-generation", model=hf_model, tokenizer=both.hf_tokenizer)
 
     sweep = runner.Sweep(presses=tuple(names), ratios=(config.ratio,), lengths=(config.length,), task=config.task,
                          num_cases=config.num_cases, seed=config.seed, batch_size=config.batch_size,
                          max_new_tokens=config.max_new_tokens)
     cases = runner.make_cases(tokenizer, sweep, config.length)
-    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-          f"jax {jax.__version__} {jax.default_backend()}; torch {torch.__version__} {torch.get_num_threads()} "
-          f"threads; kvpress {importlib.metadata.version('kvpress')}")
+    print(f"{both.machine}; kvpress {importlib.metadata.version('kvpress')}")
     print(f"{config.model} {config.dtype}; task {config.task}, {len(cases)} cases of <= {config.length} tokens; "
           f"ratio {config.ratio}; {sweep.new_tokens} new tokens at most; our batch {config.batch_size}")
     header = (f"{'press':>18} {'ours acc %':>10} {'kvpress acc %':>13} {'same answer %':>13} {'ours s/case':>11} "

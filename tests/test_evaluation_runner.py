@@ -219,3 +219,13 @@ def test_a_corpus_other_than_the_essays_is_part_of_the_task_name(tiny, tmp_path)
     assert record["task"] == "passkey@python" and record["context_tokens"] <= 200
     with pytest.raises(ValueError, match="corpus must be one of essays, shakespeare, python"):
         Sweep(corpus="poems")
+
+
+def test_the_compile_clock_counts_overlapping_events_once():
+    clock = runner.CompileClock()
+    spans = list(runner.CompileClock._spans)
+    runner.CompileClock._spans[:] = [(10.0, 14.0), (11.0, 12.0), (13.0, 16.0), (20.0, 21.0)]
+    try:
+        assert clock.within(0.0, 30.0) == 7.0 and clock.within(12.0, 20.5) == 4.5 and clock.within(16.0, 20.0) == 0
+    finally:
+        runner.CompileClock._spans[:] = spans

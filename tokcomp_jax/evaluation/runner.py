@@ -170,8 +170,15 @@ class CompileClock:
             cls._spans.append((start, end))
 
     def within(self, start: float, end: float) -> float:
-        """Compilation seconds overlapping [start, end] (`time.time()` stamps)."""
-        return sum(max(0.0, min(end, b) - max(start, a)) for a, b in self._spans)
+        """Compilation seconds overlapping [start, end] (`time.time()` stamps); nested events (a
+        function traced while tracing another) count once."""
+        total, reached = 0.0, start
+        for a, b in sorted(self._spans):
+            a, b = max(a, reached), min(b, end)
+            if b > a:
+                total += b - a
+                reached = b
+        return total
 
 
 def run_batch(model, tokenizer, cases: Sequence[Case], press, *, max_new_tokens: int, query_aware: bool = False,
