@@ -199,6 +199,17 @@ def test_the_report_table_holds_accuracy_memory_and_throughput(tmp_path):
         reports.summary([])
 
 
+@pytest.mark.parametrize("records", [
+    [_record("none", 0.0, 512, 1.0, 512), _record("knorm", 0.25, 512, 1.0, 384), _record("knorm", 0.5, 512, 0.0, 256)],
+    [_record("none", 0.0, 512, 1.0, 512), _record("none", 0.0, 1024, 0.0, 1024)],
+    [{**_record("none", 0.0, 512, 0, 512), "nll": 2.0, "scored_tokens": 511},
+     {**_record("streaming_llm", 0.5, 512, 0, 256), "nll": 2.5, "scored_tokens": 511}],
+], ids=["ratios", "lengths", "perplexity"])
+def test_every_kind_of_sweep_plots(records, tmp_path):
+    with open(reports.plot(records, tmp_path / "report.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def test_the_compile_clock_counts_compilation_only():
     clock = runner.CompileClock()
     f = jax.jit(lambda x: jnp.sin(x) * 3 + x.sum())

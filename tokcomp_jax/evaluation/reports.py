@@ -81,6 +81,10 @@ def markdown_table(records: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _label(row: dict) -> str:
+    return "full cache" if row["press"] == NO_PRESS else f"{row['press']} {row['ratio']:.2f}"
+
+
 def plot(records: Sequence[dict], path: str | os.PathLike, title: str = "") -> str:
     """Saves the four plots of a sweep as one PNG at `path` and returns the path."""
     import matplotlib
@@ -94,21 +98,40 @@ def plot(records: Sequence[dict], path: str | os.PathLike, title: str = "") -> s
     (acc, mem), (pre, dec) = axes
 
     full = [r for r in rows if r["press"] == NO_PRESS]
-    for press in presses:
-        if press == NO_PRESS:
-            continue
-        mine = full + sorted((r for r in rows if r["press"] == press), key=lambda r: r["ratio"])
-        acc.plot([r["ratio"] for r in mine], [r["overall"] for r in mine], "o-", color=colors[press], label=press)
-    if full:
-        acc.axhline(full[0]["overall"], color="black", linestyle="--", label="full cache")
     what = metric(records)
-    acc.set(xlabel="compression ratio (fraction of entries removed)", ylabel=what,
-            title=f"{what.split(' ')[0].capitalize()} against compression ratio (all lengths)")
-    if what == "perplexity":
-        acc.set_yscale("log")
+    ratios = sorted({r["ratio"] for r in rows if r["press"] != NO_PRESS})
+    if len(ratios) > 1:  # a curve per press, from the full cache at ratio 0
+        for press in presses:
+            if press != NO_PRESS:
+                mine = full + sorted((r for r in rows if r["press"] == press), key=lambda r: r["ratio"])
+                acc.plot([r["ratio"] for r in mine], [r["overall"] for r in mine], "o-", color=colors[press],
+                         label=press)
+        if full:
+            acc.axhline(full[0]["overall"], color="black", linestyle="--", label="full cache")
+        acc.set(xlabel="compression ratio (fraction of entries removed)", ylabel=what)
+        acc.legend(fontsize=8, ncol=2)
+    elif len(rows) == 1 and len(rows[0]["by_length"]) > 1:  # one setting: against the context length
+        points = sorted(rows[0]["by_length"].items())
+        acc.plot([n for n, _ in points], [q for _, q in points], "o-", color="black", label=_label(rows[0]))
+        acc.set(xlabel="context length (tokens)", ylabel=what)
+        acc.legend(fontsize=8)
+    else:  # one ratio: a bar per press, the full cache first
+        acc.barh(range(len(rows)), [r["overall"] for r in rows], color=[colors[r["press"]] for r in rows])
+        acc.set_yticks(range(len(rows)), [_label(r) for r in rows], fontsize=7)
+        acc.invert_yaxis()
+        acc.set(xlabel=what)
+    vertical = len(ratios) > 1 or len(rows) == 1 and len(rows[0]["by_length"]) > 1
+    if len(ratios) > 1:
+        title = "against compression ratio (all lengths)"
+    elif vertical:
+        title = f"of {_label(rows[0])} against context length"
     else:
-        acc.set_ylim(-5, 105)
-    acc.legend(fontsize=8, ncol=2)
+        title = f"at ratio {ratios[0]:.2f} (all lengths)" if ratios else "(all lengths)"
+    acc.set_title(f"{what.split(' ')[0].capitalize()} {title}")
+    if what == "perplexity":
+        (acc.set_yscale if vertical else acc.set_xscale)("log")
+    else:
+        (acc.set_ylim if vertical else acc.set_xlim)(-5, 105)
 
     for ratio, group in sorted(_groups(records, "ratio").items()):
         by_length = sorted(_groups(group, "length").items())
@@ -120,11 +143,9 @@ def plot(records: Sequence[dict], path: str | os.PathLike, title: str = "") -> s
             title="Cache memory against context length")
     mem.legend(fontsize=8)
 
-    labels = [f"{r['press']}" if r["press"] == NO_PRESS else f"{r['press']} {r['ratio']:.2f}" for r in rows]
-    bar_colors = [colors[r["press"]] for r in rows]
     for ax, key, what in ((pre, "prefill_tps", "Prefill (context and question)"), (dec, "decode_tps", "Decode")):
-        ax.barh(range(len(rows)), [r[key] for r in rows], color=bar_colors)
-        ax.set_yticks(range(len(rows)), labels, fontsize=7)
+        ax.barh(range(len(rows)), [r[key] for r in rows], color=[colors[r["press"]] for r in rows])
+        ax.set_yticks(range(len(rows)), [_label(r) for r in rows], fontsize=7)
         ax.invert_yaxis()
         ax.set(xlabel="tokens / s (compilation excluded)", title=f"{what} throughput")
     fig.suptitle(title)
