@@ -205,9 +205,19 @@ def test_the_report_table_holds_accuracy_memory_and_throughput(tmp_path):
     [{**_record("none", 0.0, 512, 0, 512), "nll": 2.0, "scored_tokens": 511},
      {**_record("streaming_llm", 0.5, 512, 0, 256), "nll": 2.5, "scored_tokens": 511}],
 ], ids=["ratios", "lengths", "perplexity"])
-def test_every_kind_of_sweep_plots(records, tmp_path):
-    with open(reports.plot(records, tmp_path / "report.png"), "rb") as f:
+def test_every_kind_of_sweep_plots(records, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    titles, save = [], matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        titles.append(fig._suptitle.get_text())
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    with open(reports.plot(records, tmp_path / "report.png", "the sweep"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert titles == ["the sweep"]
 
 
 def test_the_compile_clock_counts_compilation_only():

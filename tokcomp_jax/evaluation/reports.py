@@ -122,12 +122,12 @@ def plot(records: Sequence[dict], path: str | os.PathLike, title: str = "") -> s
         acc.set(xlabel=what)
     vertical = len(ratios) > 1 or len(rows) == 1 and len(rows[0]["by_length"]) > 1
     if len(ratios) > 1:
-        title = "against compression ratio (all lengths)"
+        shown = "against compression ratio (all lengths)"
     elif vertical:
-        title = f"of {_label(rows[0])} against context length"
+        shown = f"of {_label(rows[0])} against context length"
     else:
-        title = f"at ratio {ratios[0]:.2f} (all lengths)" if ratios else "(all lengths)"
-    acc.set_title(f"{what.split(' ')[0].capitalize()} {title}")
+        shown = f"at ratio {ratios[0]:.2f} (all lengths)" if ratios else "(all lengths)"
+    acc.set_title(f"{what.split(' ')[0].capitalize()} {shown}")
     if what == "perplexity":
         (acc.set_yscale if vertical else acc.set_xscale)("log")
     else:
@@ -143,11 +143,11 @@ def plot(records: Sequence[dict], path: str | os.PathLike, title: str = "") -> s
             title="Cache memory against context length")
     mem.legend(fontsize=8)
 
-    for ax, key, what in ((pre, "prefill_tps", "Prefill (context and question)"), (dec, "decode_tps", "Decode")):
+    for ax, key, phase in ((pre, "prefill_tps", "Prefill (context and question)"), (dec, "decode_tps", "Decode")):
         ax.barh(range(len(rows)), [r[key] for r in rows], color=[colors[r["press"]] for r in rows])
         ax.set_yticks(range(len(rows)), [_label(r) for r in rows], fontsize=7)
         ax.invert_yaxis()
-        ax.set(xlabel="tokens / s (compilation excluded)", title=f"{what} throughput")
+        ax.set(xlabel="tokens / s (compilation excluded)", title=f"{phase} throughput")
     fig.suptitle(title)
     fig.tight_layout()
     path = os.fspath(path)

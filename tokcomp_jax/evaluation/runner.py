@@ -314,9 +314,11 @@ def run_sweep(model, tokenizer, sweep: Sweep, results_path: str | os.PathLike, *
         todo = [i for i, identity in enumerate(ids) if record_key(identity) not in done]
         plan += [Batch(press, ratio, length, tuple(todo[i:i + sweep.batch_size]))
                  for i in range(0, len(todo), sweep.batch_size)]
-    calibration = tokenizer.encode(calibration_text(tokenizer)) if "qfilter" in sweep.presses else None
+    calibration = None
     clock = CompileClock()
     for batch in (progress or iter)(plan):
+        if batch.press == "qfilter" and calibration is None:
+            calibration = tokenizer.encode(calibration_text(tokenizer))
         cases = [by_length[batch.length][i] for i in batch.cases]
         if sweep.task == "perplexity" and sweep.data is None:  # a budget in tokens, kept while the cache fills
             tokens = max(1, int(batch.length * (1 - batch.ratio)))
