@@ -31,7 +31,7 @@ setup(
             "pytest>=8",
             "pytest-xdist>=3.5",
             "hypothesis>=6.100",
-            "filelock",  # the shared XLA compilation cache's lock (tests/conftest.py)
+            "filelock",  # the lock of the XLA compilation cache tests may share (tests/conftest.py)
             "torch==2.13.0",
             "transformers>=4.56,<5.3",
             "accelerate>=1.0,<2",

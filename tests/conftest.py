@@ -3,12 +3,16 @@ import importlib.util
 import os
 import tempfile
 
-# Share compiled XLA programs between test processes (xdist workers, CLI subprocesses): many
-# tests run SmolLM2 on the same shapes. Set before JAX is imported so that subprocesses inherit it.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "tokcomp_jax_xla_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-# A size limit turns on the cache's file lock, so that no process reads an entry half written.
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+# On request (TOKCOMP_JAX_TEST_XLA_CACHE=1), share compiled XLA programs between test processes
+# (xdist workers, CLI subprocesses, reruns): many tests run SmolLM2 on the same shapes. Off by
+# default: serializing a CPU executable into the cache has aborted a worker (jax 0.10.2), and a
+# fresh CI machine starts with an empty cache anyway. Set before JAX is imported so that
+# subprocesses inherit it.
+if os.environ.get("TOKCOMP_JAX_TEST_XLA_CACHE") == "1":
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "tokcomp_jax_xla_cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    # A size limit turns on the cache's file lock, so that no process reads an entry half written.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import pytest  # noqa: E402
 

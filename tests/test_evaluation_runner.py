@@ -91,7 +91,7 @@ KILLED_SWEEP = textwrap.dedent("""
     from tokcomp_jax.evaluation.runner import Sweep, run_sweep
     tokenizer = tc.Tokenizer.from_gguf(GGUFFile(resolve_model_path("smollm2-135m-instruct")))
     model = tc.testing.tiny_llama(vocab_size=tokenizer.vocab_size)
-    sweep = Sweep(presses=("none", "knorm", "snapkv", "tova"), ratios=(0.5,), lengths=(160,), task="passkey",
+    sweep = Sweep(presses=("none", "knorm"), ratios=(0.5,), lengths=(160,), task="passkey",
                   num_cases=4, batch_size=1, max_new_tokens=4)
     records = run_sweep(model, tokenizer, sweep, sys.argv[1], model_name="tiny")
     print(len(records))
@@ -111,12 +111,12 @@ def test_a_sweep_killed_with_sigkill_resumes(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     before = read_results(path)
-    assert 3 <= len(before) < 16
+    assert 3 <= len(before) < 8
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split()[-1] == "16"
+    assert result.stdout.split()[-1] == "8"
     after = read_results(path)
-    assert len(after) == 16 and path.read_text().count("\n") == 16
+    assert len(after) == 8 and path.read_text().count("\n") == 8
     assert all(after[k] == v for k, v in before.items())  # finished cases were kept, not redone
 
 
