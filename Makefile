@@ -23,7 +23,7 @@ demo: $(VENV)/.core
 	$(VENV)/bin/tokcomp-jax eval
 
 test: $(VENV)/.test
-	$(VENV)/bin/python -m pytest -n 2 --durations=15
+	$(VENV)/bin/python -m pytest -n 2 --reruns 1 --durations=15
 
 clean:
 	rm -rf $(VENV) *.egg-info

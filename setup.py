@@ -30,6 +30,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",
+            "pytest-rerunfailures>=14",  # reruns a test once whose worker XLA crashed (tests/conftest.py)
             "hypothesis>=6.100",
             "filelock",  # the lock of the XLA compilation cache tests may share (tests/conftest.py)
             "torch==2.13.0",

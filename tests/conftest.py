@@ -6,7 +6,9 @@ import tempfile
 # On request (TOKCOMP_JAX_TEST_XLA_CACHE=1), share compiled XLA programs between test processes
 # (xdist workers, CLI subprocesses, reruns): many tests run SmolLM2 on the same shapes. Off by
 # default: serializing a CPU executable into the cache has aborted a worker (jax 0.10.2), and a
-# fresh CI machine starts with an empty cache anyway. Set before JAX is imported so that
+# fresh CI machine starts with an empty cache anyway. XLA's CPU compiler has also crashed a worker
+# with a segmentation fault once in a long run; `make test` reruns such a test once (--reruns 1,
+# pytest-rerunfailures), and pytest reports every rerun. Set before JAX is imported so that
 # subprocesses inherit it.
 if os.environ.get("TOKCOMP_JAX_TEST_XLA_CACHE") == "1":
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "tokcomp_jax_xla_cache"))
