@@ -89,7 +89,8 @@ class Sweep:
         if self.task == "perplexity" and self.data is None:
             for press in self.presses:
                 try:
-                    chunkwise(make_press(press, tokens=8)) if press != NO_PRESS else None
+                    if press != NO_PRESS:
+                        chunkwise(make_press(press, tokens=8))
                 except ValueError as e:
                     raise ValueError(f"task perplexity compresses the cache while it fills, which press {press!r} "
                                      f"cannot: {e}") from None
@@ -322,7 +323,7 @@ def run_sweep(model, tokenizer, sweep: Sweep, results_path: str | os.PathLike, *
         cases = [by_length[batch.length][i] for i in batch.cases]
         if sweep.task == "perplexity" and sweep.data is None:  # a budget in tokens, kept while the cache fills
             tokens = max(1, int(batch.length * (1 - batch.ratio)))
-            press = make_press(batch.press, model=model, tokens=tokens) if batch.press != NO_PRESS else None
+            press = make_press(batch.press, model=model, tokens=tokens)
             records = run_perplexity_batch(model, tokenizer, cases, press, chunk_size=sweep.chunk_size, clock=clock)
         else:
             press = make_press(batch.press, batch.ratio, model, calibration)
