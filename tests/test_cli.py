@@ -10,10 +10,12 @@ def _cli(*args):
                           timeout=300)
 
 
-def test_generate_answers_paris():
-    result = _cli("generate", "--prompt", "What is the capital of France?", "--max_new_tokens", "16")
+@pytest.mark.parametrize("attn_impl", ["xla", "pallas"])
+def test_generate_answers_paris(attn_impl):
+    result = _cli("generate", "--prompt", "What is the capital of France?", "--max_new_tokens", "16",
+                  "--attn_impl", attn_impl)
     assert result.returncode == 0, result.stderr
-    assert "Paris" in result.stdout
+    assert "Paris" in result.stdout and f"attention {attn_impl}" in result.stderr
     assert "prefill:" in result.stderr and "tok/s" in result.stderr
 
 

@@ -28,6 +28,8 @@ COMMANDS = ("generate", "eval", "info")
 
 _MODEL = flags.DEFINE_string("model", DEFAULT_MODEL, "Known model name, .gguf file or Hugging Face directory.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter and cache dtype: float32 or bfloat16.")
+_ATTN = flags.DEFINE_enum("attn_impl", "xla", ["xla", "pallas"],
+                          "Attention implementation: the XLA reference or the Pallas kernels (interpreted on CPU).")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt to answer; repeat the flag for a batch.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Most tokens to generate per prompt.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
@@ -60,8 +62,8 @@ def _log(message: str) -> None:
 
 def _load():
     start = time.perf_counter()
-    _log(f"Loading {_MODEL.value} ({_DTYPE.value})...")
-    model, tokenizer = load(_MODEL.value, dtype=_DTYPE.value)
+    _log(f"Loading {_MODEL.value} ({_DTYPE.value}, attention {_ATTN.value})...")
+    model, tokenizer = load(_MODEL.value, dtype=_DTYPE.value, attn_impl=_ATTN.value)
     _log(f"Loaded in {time.perf_counter() - start:.1f} s.")
     return model, tokenizer
 

@@ -12,6 +12,7 @@ TINY_CONFIG = ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, i
                           num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0)
 
 
-def tiny_llama(seed: int = 0, dtype="float32", **overrides) -> Llama:
-    """A randomly initialised 2-layer GQA Llama; `overrides` replace fields of `TINY_CONFIG`."""
-    return Llama(dataclasses.replace(TINY_CONFIG, **overrides), dtype=dtype, rngs=nnx.Rngs(seed))
+def tiny_llama(seed: int = 0, dtype="float32", attn_impl: str = "xla", **overrides) -> Llama:
+    """A randomly initialised 2-layer GQA Llama; `overrides` replace fields of `TINY_CONFIG` (the
+    Pallas kernels take head dims from 32 on: `tiny_llama(attn_impl="pallas", head_dim=32)`)."""
+    return Llama(dataclasses.replace(TINY_CONFIG, **overrides), dtype=dtype, rngs=nnx.Rngs(seed), attn_impl=attn_impl)

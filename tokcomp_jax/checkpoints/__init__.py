@@ -33,9 +33,10 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load(name_or_path: str = DEFAULT_MODEL, *, dtype="float32",
-         load_tokenizer: bool = True) -> tuple[Llama, Tokenizer | None]:
-    """Loads a model and its tokenizer from a known name, a `.gguf` file or an HF directory.
+def load(name_or_path: str = DEFAULT_MODEL, *, dtype="float32", load_tokenizer: bool = True,
+         attn_impl: str = "xla") -> tuple[Llama, Tokenizer | None]:
+    """Loads a model and its tokenizer from a known name, a `.gguf` file or an HF directory;
+    `attn_impl` is "xla" (the reference) or "pallas" (see `Llama`).
 
     >>> import tokcomp_jax as tc
     >>> model, tokenizer = tc.load("smollm2-135m-instruct", dtype="float32")
@@ -50,12 +51,12 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype="float32",
     if os.path.isdir(path):
         config = hf.read_config(path)
         tokenizer = Tokenizer.from_hf_dir(path) if load_tokenizer else None
-        return build_model(config, hf.read_weights(path), dtype, source=path), tokenizer
+        return build_model(config, hf.read_weights(path), dtype, source=path, attn_impl=attn_impl), tokenizer
     if not path.endswith(".gguf"):
         raise CheckpointError(f"{path} is neither a .gguf file nor a Hugging Face directory.")
     gguf_file = GGUFFile(path)
     tokenizer = Tokenizer.from_gguf(gguf_file) if load_tokenizer else None
-    return build_model(gguf_file.config, gguf_file.weights(), dtype, source=path), tokenizer
+    return build_model(gguf_file.config, gguf_file.weights(), dtype, source=path, attn_impl=attn_impl), tokenizer
 
 
 __all__ = ["load", "resolve_model_path", "Tokenizer", "CheckpointError", "KNOWN_MODELS", "DEFAULT_MODEL"]

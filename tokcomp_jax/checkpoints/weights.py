@@ -38,10 +38,10 @@ def _param_path(hf_name: str) -> tuple[tuple, bool]:
 
 
 def build_model(config: ModelConfig, weights: Iterable[tuple[str, np.ndarray]], dtype="float32",
-                source: str = "checkpoint") -> Llama:
+                source: str = "checkpoint", attn_impl: str = "xla") -> Llama:
     """Fills a `Llama` with `(hf_name, array)` pairs, checking that every parameter is given once."""
     dtype = resolve_dtype(dtype)
-    abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0), attn_impl=attn_impl))
     graphdef, state = nnx.split(abstract)
     params = dict(nnx.to_flat_state(state))
     filled, unexpected = set(), []

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from tokcomp_jax.attention import attend
+from tokcomp_jax.attention import AttentionStats, attend, check_attn_impl, pallas_attend
 from tokcomp_jax.cache import KVCache, LayerCache
 from tokcomp_jax.models.config import ModelConfig
 from tokcomp_jax.models.rope import apply_rope, inverse_frequencies
@@ -50,9 +50,11 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
 
     def __call__(self, x: Float[Array, "B T E"], layer: LayerCache, positions: Int[Array, "B T"],
-                 valid: Bool[Array, "B T"]) -> tuple[Float[Array, "B T E"], LayerCache, tuple]:
+                 valid: Bool[Array, "B T"], attn_impl: str = "xla",
+                 key_probs: bool = False) -> tuple[Float[Array, "B T E"], LayerCache, tuple]:
         """The attention output, the cache with the chunk appended, and the chunk's queries with
-        and without RoPE."""
+        and without RoPE and the attention's `AttentionStats` (`key_probs`: ask a Pallas decode
+        step for each entry's attention probability)."""
         c = self.config
         batch, steps, _ = x.shape
         q = self.q_proj(x).reshape(batch, steps, c.num_heads, c.head_dim)
@@ -63,8 +65,11 @@ class Attention(nnx.Module):
         inv_freq = inverse_frequencies(c)
         rotated_q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         layer = layer.append(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, valid)
-        out = attend(rotated_q, layer, positions, sliding_window=c.sliding_window)
-        return self.o_proj(out.reshape(batch, steps, c.num_heads * c.head_dim)), layer, (rotated_q, q)
+        if attn_impl == "pallas":
+            out, stats = pallas_attend(rotated_q, layer, positions, key_probs=key_probs)
+        else:
+            out, stats = attend(rotated_q, layer, positions, sliding_window=c.sliding_window), AttentionStats()
+        return self.o_proj(out.reshape(batch, steps, c.num_heads * c.head_dim)), layer, (rotated_q, q, stats)
 
 
 class MLP(nnx.Module):
@@ -90,13 +95,15 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, dtype, rngs)
 
     def __call__(self, x, layer: LayerCache, positions, valid, press: Press | None = None,
-                 press_state=None, room: int = 0, layer_index: int = 0, last_chunk: bool = True):
+                 press_state=None, room: int = 0, layer_index: int = 0, last_chunk: bool = True,
+                 attn_impl: str = "xla"):
         """The block's output and cache; `press`, if given, compresses the cache after attention."""
         attn_input = self.input_layernorm(x)
-        attn_out, layer, (queries, pre_rope_queries) = self.self_attn(attn_input, layer, positions, valid)
+        attn_out, layer, (queries, pre_rope_queries, stats) = self.self_attn(
+            attn_input, layer, positions, valid, attn_impl, key_probs=press is not None)
         if press is not None:
             obs = Observation(queries, pre_rope_queries, attn_input, positions, valid, layer_index, room,
-                              last_chunk, inverse_frequencies(self.self_attn.config))
+                              last_chunk, inverse_frequencies(self.self_attn.config), attn_impl, stats)
             layer, press_state = press.compress(layer, obs, press_state)
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x)), layer, press_state
@@ -109,11 +116,17 @@ class Llama(nnx.Module):
     continue from `cache.num_seen`, and returns the logits of all T tokens, or of the last one
     (index T-1: callers align each row's last token to the end, see `tc.prefill`), with the
     updated cache.
+
+    `attn_impl` picks the attention implementation of the model and of the presses' scorers:
+    "xla" (the reference) or "pallas" (`pallas_kernels`, interpreted on CPU). It may be changed
+    on a built model (`model.attn_impl = "pallas"`); jitted calls compile once per value.
     """
 
-    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, attn_impl: str = "xla"):
+        check_attn_impl(attn_impl, config.sliding_window)
         self.config = config
         self.dtype = jnp.dtype(dtype)
+        self.attn_impl = attn_impl
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
                                       param_dtype=dtype, rngs=rngs)
         self.layers = nnx.List([DecoderLayer(config, dtype, rngs) for _ in range(config.num_layers)])
@@ -144,6 +157,7 @@ class Llama(nnx.Module):
         it right after the layer's attention (kvpress semantics); `press_states` (one per layer,
         from `press.init` when None) carry what it observed in earlier chunks."""
         self.check_cache(cache)
+        check_attn_impl(self.attn_impl, self.config.sliding_window)
         positions = cache.num_seen[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
         if press is not None and press_states is None:
             press_states = tuple(press.init(layer, index) for index, layer in enumerate(cache.layers))
@@ -151,7 +165,8 @@ class Llama(nnx.Module):
         layers, states = [], []
         for index, (block, layer) in enumerate(zip(self.layers, cache.layers)):
             state = press_states[index] if press is not None else None
-            x, layer, state = block(x, layer, positions, valid, press, state, room, index, last_chunk)
+            x, layer, state = block(x, layer, positions, valid, press, state, room, index, last_chunk,
+                                    self.attn_impl)
             layers.append(layer)
             states.append(state)
         x = self.norm(x if all_logits else x[:, -1])

@@ -12,7 +12,7 @@ from jaxtyping import Array, Float
 
 from tokcomp_jax.cache import LayerCache
 from tokcomp_jax.presses.base import Budget, Observation, Press, press_factory, scorer_press
-from tokcomp_jax.presses.snapkv import window_attention
+from tokcomp_jax.presses.snapkv import window_mass
 
 
 def init_scores(layer: LayerCache, layer_index: int = 0) -> Float[Array, "B Hkv C"]:
@@ -26,12 +26,12 @@ def observe_scores(state: Float[Array, "B Hkv C"], layer: LayerCache, obs: Obser
     """Decays `state` by `alpha ** n` (n: the chunk's real tokens, per row) and adds the attention
     of the chunk's real queries, summed over each KV head's query group (as the official code),
     the query followed by m real tokens weighted by `alpha ** m`."""
-    probs, valid = window_attention(layer, obs, obs.queries.shape[1])  # [B, Hkv, G, T, C], [B, T]
+    valid = obs.valid
     real = jnp.sum(valid, axis=1, dtype=jnp.int32)  # [B]
     after = real[:, None] - jnp.cumsum(valid, axis=1, dtype=jnp.int32)  # real tokens after each query
     weights = jnp.where(valid, forgetting_factor ** after.astype(jnp.float32), 0.0)  # [B, T]
     decay = forgetting_factor ** real.astype(jnp.float32)
-    return state * decay[:, None, None] + jnp.einsum("bkgtc,bt->bkc", probs, weights)
+    return state * decay[:, None, None] + window_mass(layer, obs, obs.queries.shape[1], weights)
 
 
 @press_factory

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from tokcomp_jax.attention import AttentionStats
 from tokcomp_jax.cache import LayerCache, RaggedLayerCache
 
 
@@ -27,7 +28,9 @@ class Observation(NamedTuple):
     hidden_states: `[B, T, E]` the attention's input; positions / valid: `[B, T]` each token's
     position and whether it is a real token (rows are aligned to the end: a row's last tokens are
     the chunk's last ones); layer_index; room: cache slots to leave free after compression;
-    last_chunk: whether this chunk ends the prompt; inv_freq: `[D / 2]` RoPE frequencies.
+    last_chunk: whether this chunk ends the prompt; inv_freq: `[D / 2]` RoPE frequencies;
+    attn_impl: the model's attention implementation, which scorers use too; attention: what the
+    layer's attention kernel computed on the side (`AttentionStats`).
     """
 
     queries: Float[Array, "B T H D"]
@@ -39,6 +42,8 @@ class Observation(NamedTuple):
     room: int
     last_chunk: bool
     inv_freq: np.ndarray
+    attn_impl: str = "xla"
+    attention: AttentionStats = AttentionStats()
 
 
 Scores = Float[Array, "B Hkv C"]

@@ -14,7 +14,7 @@ from jaxtyping import Array, Float, Int
 from tokcomp_jax.attention import attention_mask
 from tokcomp_jax.cache import LayerCache
 from tokcomp_jax.presses.base import Budget, Observation, Press, press_factory, scorer_press
-from tokcomp_jax.presses.snapkv import window_attention
+from tokcomp_jax.presses.snapkv import window_mass
 
 
 class AttentionMass(NamedTuple):
@@ -39,9 +39,8 @@ def init_mass(layer: LayerCache, layer_index: int = 0) -> AttentionMass:
 def observe_mass(state: AttentionMass, layer: LayerCache, obs: Observation) -> AttentionMass:
     """Adds the attention of this chunk's real queries (softmax over each query's whole visible
     row: every cache entry at a position <= its own) to `state`."""
-    probs, query_valid = window_attention(layer, obs, obs.queries.shape[1])  # [B, Hkv, G, T, C], [B, T]
-    real = query_valid[:, None, None, :, None]
-    mass = jnp.sum(jnp.where(real, probs, 0.0), axis=(2, 3))
+    query_valid = obs.valid
+    mass = window_mass(layer, obs, obs.queries.shape[1], query_valid.astype(jnp.float32))
     sees = attention_mask(layer, obs.positions) & query_valid[:, None, :, None]  # [B, Hkv, T, C]
     return AttentionMass(state.mass + mass, state.seen + jnp.sum(sees, axis=2, dtype=jnp.int32))
 

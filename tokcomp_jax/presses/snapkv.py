@@ -1,24 +1,21 @@
 """SnapKV (Li et al., 2024, arXiv:2404.14469): the attention that the last `window_size` queries
 pay to each earlier key, pooled over neighbouring keys, predicts which keys generation needs."""
-import jax
 import jax.numpy as jnp
 
-from tokcomp_jax.attention import attention_mask
+from pallas_kernels.common import uniform_starts
+from pallas_kernels.window_scores import pool_keys
+from tokcomp_jax.attention import attention_mass
 from tokcomp_jax.presses.base import Budget, Press, press_factory, scorer_press
 
 
-def window_attention(layer, obs, window_size: int):
-    """Softmax attention `[B, Hkv, G, W, C]` of the chunk's last `window_size` queries over the
-    cache (normalised over each query's whole visible row), and which queries are real."""
-    queries = obs.queries[:, -window_size:]
-    batch, window, heads, dim = queries.shape
-    kv_heads = layer.keys.shape[1]
-    grouped = queries.reshape(batch, window, kv_heads, heads // kv_heads, dim)
-    scores = jnp.einsum("bwkgd,bkcd->bkgwc", grouped, layer.keys,
-                        preferred_element_type=jnp.float32) * dim ** -0.5
-    mask = attention_mask(layer, obs.positions[:, -window_size:])[:, :, None]
-    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
-    return jnp.where(mask, probs, 0.0), obs.valid[:, -window_size:]
+def window_mass(layer, obs, window_size: int, query_weights):
+    """`[B, Hkv, C]` the attention (normalised over each query's whole visible row) that the chunk's
+    last `window_size` queries pay to each entry, weighted by `query_weights` `[B, W]` and summed
+    over the window and each KV head's query group, with the model's attention implementation
+    (`tc.attention.attention_mass`; the rows' lse from the layer's own Pallas attention is reused)."""
+    lse = obs.attention.lse
+    return attention_mass(layer, obs.queries[:, -window_size:], obs.positions[:, -window_size:], query_weights,
+                          attn_impl=obs.attn_impl, lse=None if lse is None else lse[..., -window_size:])
 
 
 def snapkv_scores(layer, obs, window_size: int, kernel_size: int):
@@ -29,17 +26,18 @@ def snapkv_scores(layer, obs, window_size: int, kernel_size: int):
     if obs.queries.shape[1] < window_size:
         raise ValueError(f"SnapKV scoring needs chunks of at least window_size={window_size} tokens; "
                          f"raise chunk_size (got chunks of {obs.queries.shape[1]}).")
-    probs, query_valid = window_attention(layer, obs, window_size)
-    n_queries = jnp.maximum(jnp.sum(query_valid, axis=1), 1)[:, None, None, None]
-    per_key = jnp.sum(probs * query_valid[:, None, None, :, None], axis=3) / n_queries  # [B, Hkv, G, C]
+    query_valid = obs.valid[:, -window_size:]
+    n_queries = jnp.maximum(jnp.sum(query_valid, axis=1, keepdims=True), 1)
+    per_key = window_mass(layer, obs, window_size, query_valid / n_queries)  # [B, Hkv, C], summed over the group
     first_window = jnp.min(jnp.where(query_valid, obs.positions[:, -window_size:], jnp.iinfo(jnp.int32).max),
                            axis=1)[:, None, None]
     in_window = layer.positions >= first_window  # [B, Hkv, C]
     outside = layer.valid_mask() & ~in_window
-    per_key = jnp.where(outside[:, :, None], per_key, 0.0)
-    pooled = jax.lax.reduce_window(per_key, 0.0, jax.lax.add, (1, 1, 1, kernel_size), (1, 1, 1, 1),
-                                   [(0, 0), (0, 0), (0, 0), (kernel_size // 2, kernel_size // 2)])
-    scores = jnp.mean(pooled / kernel_size, axis=2)  # attention probabilities: in [0, 1]
+    per_key = jnp.where(outside, per_key, 0.0)
+    batch, kv_heads, capacity = per_key.shape
+    pooled = pool_keys(per_key.reshape(batch, kv_heads * capacity), uniform_starts(batch, kv_heads, capacity),
+                       jnp.full((batch, kv_heads), capacity), kernel_size).reshape(per_key.shape)
+    scores = pooled / (obs.queries.shape[2] // kv_heads)  # attention probabilities: in [0, 1]
     recency = layer.positions / (jnp.max(layer.positions) + 1.0)
     return jnp.where(in_window, 2.0 + recency, scores)
 

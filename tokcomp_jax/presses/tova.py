@@ -5,14 +5,16 @@ import jax
 import jax.numpy as jnp
 
 from tokcomp_jax.presses.base import Budget, Press, press_factory, scorer_press
-from tokcomp_jax.presses.snapkv import window_attention
+from tokcomp_jax.presses.snapkv import window_mass
 
 
 def _last_query_attention(layer, obs):
     """Softmax attention `[B, Hkv, C]` of each row's last query over the cache, summed over each KV
-    head's query group (rows are end-aligned: every row's last token is the chunk's last)."""
-    probs, _ = window_attention(layer, obs, 1)  # [B, Hkv, G, 1, C]
-    return jnp.sum(probs[:, :, :, 0], axis=2)
+    head's query group (rows are end-aligned: every row's last token is the chunk's last); a Pallas
+    decode step emits it with its output."""
+    if obs.attention.key_probs is not None:
+        return obs.attention.key_probs
+    return window_mass(layer, obs, 1, jnp.ones(obs.valid[:, -1:].shape, jnp.float32))
 
 
 def _mean_over_heads(per_kv_head, layer, heads: int):
