@@ -19,7 +19,8 @@ __all__ = ["decode_attention", "decode_attention_reference"]
 
 # Smallest block: Triton's dot needs >= 16 on every side; a TPU block spans whole 128-lane tiles.
 MIN_BLOCK_K = {"gpu": 16, "tpu": 128}
-MAX_SPLITS = 16
+MAX_SPLITS = 64
+TARGET_PROGRAMS = 512
 
 
 def _next_pow2(n: int) -> int:
@@ -33,9 +34,13 @@ def default_block_k(backend: str, max_segment: int, head_dim: int, itemsize: int
     return max(MIN_BLOCK_K[backend], min(block, _next_pow2(max_segment)))
 
 
-def default_num_splits(segment_blocks: int) -> int:
-    """About four of a segment's blocks per split, at most 16 splits."""
-    return max(1, min(MAX_SPLITS, segment_blocks // 4))
+def default_num_splits(backend: str, segment_blocks: int, programs: int) -> int:
+    """GPU: enough splits for about `TARGET_PROGRAMS` programs over the `programs` (row, KV head)
+    pairs (a few waves of an H100's 132 SMs), at least two blocks per split and at most
+    `MAX_SPLITS`. TPU: one, as its grid runs the splits of a segment one after another."""
+    if backend == "tpu":
+        return 1
+    return max(1, min(MAX_SPLITS, segment_blocks // 2, -(-TARGET_PROGRAMS // programs)))
 
 
 def decode_attention(q, keys, values, starts, lengths, *, return_probs=False, scale=None, max_segment=None,
@@ -71,7 +76,7 @@ def decode_attention(q, keys, values, starts, lengths, *, return_probs=False, sc
     check_block_size("block_k", block_k, MIN_BLOCK_K[backend])
     segment_blocks = -(-max_segment // block_k)
     if num_splits is None:
-        num_splits = default_num_splits(segment_blocks)
+        num_splits = default_num_splits(backend, segment_blocks, batch * kv_heads)
     if not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be an int >= 1 (or None for the default), got {num_splits!r}.")
     scale = head_dim ** -0.5 if scale is None else float(scale)
