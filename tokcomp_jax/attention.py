@@ -53,30 +53,35 @@ def attention_mask(layer: LayerCache | RaggedLayerCache, query_positions: Int[Ar
 
 
 def attention_probs(layer: LayerCache | RaggedLayerCache, queries: Float[Array, "B T H D"],
-                    query_positions: Int[Array, "B T"],
-                    sliding_window: int | None = None) -> Float[Array, "B Hkv G T C"]:
+                    query_positions: Int[Array, "B T"], sliding_window: int | None = None,
+                    extra_mask: Bool[Array, "B T C"] | None = None) -> Float[Array, "B Hkv G T C"]:
     """Softmax attention of `queries` over the cache in float32, GQA query heads grouped on their
-    KV head (zeros for a query that sees no key)."""
+    KV head (zeros for a query that sees no key). `extra_mask` hides more slots (e.g. gist masking)."""
     batch, steps, heads, dim = queries.shape
     kv_heads = layer.lengths.shape[1]
     kv = "bcd" if isinstance(layer, RaggedLayerCache) else "bkcd"
     grouped = queries.reshape(batch, steps, kv_heads, heads // kv_heads, dim)
     scores = jnp.einsum(f"btkgd,{kv}->bkgtc", grouped, layer.keys,
                         preferred_element_type=jnp.float32) * dim ** -0.5
-    mask = attention_mask(layer, query_positions, sliding_window)[:, :, None]
+    mask = attention_mask(layer, query_positions, sliding_window)
+    if extra_mask is not None:
+        mask &= extra_mask[:, None]
+    mask = mask[:, :, None]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     return jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
 
 
 def attend(queries: Float[Array, "B T H D"], layer: LayerCache | RaggedLayerCache,
-           query_positions: Int[Array, "B T"], *, sliding_window: int | None = None) -> Float[Array, "B T H D"]:
+           query_positions: Int[Array, "B T"], *, sliding_window: int | None = None,
+           extra_mask: Bool[Array, "B T C"] | None = None) -> Float[Array, "B T H D"]:
     """Softmax attention of `queries` over the cache (the XLA reference).
 
     Scores and softmax run in float32; a query that sees no key gets zeros. A ragged cache's pool
-    is shared by the KV heads, each masked to its own segment.
+    is shared by the KV heads, each masked to its own segment. `extra_mask` `[B, T, C]` hides
+    more slots from each query.
     """
     batch, steps, heads, dim = queries.shape
-    probs = attention_probs(layer, queries, query_positions, sliding_window)
+    probs = attention_probs(layer, queries, query_positions, sliding_window, extra_mask)
     kv = "bcd" if isinstance(layer, RaggedLayerCache) else "bkcd"
     out = jnp.einsum(f"bkgtc,{kv}->btkgd", probs.astype(layer.values.dtype), layer.values)
     return out.reshape(batch, steps, heads, dim)

@@ -50,11 +50,11 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
 
     def __call__(self, x: Float[Array, "B T E"], layer: LayerCache, positions: Int[Array, "B T"],
-                 valid: Bool[Array, "B T"], attn_impl: str = "xla",
-                 key_probs: bool = False) -> tuple[Float[Array, "B T E"], LayerCache, tuple]:
+                 valid: Bool[Array, "B T"], attn_impl: str = "xla", key_probs: bool = False,
+                 extra_mask: Bool[Array, "B T C"] | None = None) -> tuple[Float[Array, "B T E"], LayerCache, tuple]:
         """The attention output, the cache with the chunk appended, and the chunk's queries with
         and without RoPE and the attention's `AttentionStats` (`key_probs`: ask a Pallas decode
-        step for each entry's attention probability)."""
+        step for each entry's attention probability; `extra_mask`: slots hidden from each query)."""
         c = self.config
         batch, steps, _ = x.shape
         q = self.q_proj(x).reshape(batch, steps, c.num_heads, c.head_dim)
@@ -65,10 +65,11 @@ class Attention(nnx.Module):
         inv_freq = inverse_frequencies(c)
         rotated_q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         layer = layer.append(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, valid)
-        if attn_impl == "pallas":
+        if attn_impl == "pallas" and extra_mask is None:
             out, stats = pallas_attend(rotated_q, layer, positions, key_probs=key_probs)
         else:
-            out, stats = attend(rotated_q, layer, positions, sliding_window=c.sliding_window), AttentionStats()
+            out = attend(rotated_q, layer, positions, sliding_window=c.sliding_window, extra_mask=extra_mask)
+            stats = AttentionStats()
         return self.o_proj(out.reshape(batch, steps, c.num_heads * c.head_dim)), layer, (rotated_q, q, stats)
 
 
@@ -96,11 +97,11 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, layer: LayerCache, positions, valid, press: Press | None = None,
                  press_state=None, room: int = 0, layer_index: int = 0, last_chunk: bool = True,
-                 attn_impl: str = "xla"):
+                 attn_impl: str = "xla", extra_mask=None):
         """The block's output and cache; `press`, if given, compresses the cache after attention."""
         attn_input = self.input_layernorm(x)
         attn_out, layer, (queries, pre_rope_queries, stats) = self.self_attn(
-            attn_input, layer, positions, valid, attn_impl, key_probs=press is not None)
+            attn_input, layer, positions, valid, attn_impl, key_probs=press is not None, extra_mask=extra_mask)
         if press is not None:
             obs = Observation(queries, pre_rope_queries, attn_input, positions, valid, layer_index, room,
                               last_chunk, inverse_frequencies(self.self_attn.config), attn_impl, stats)
@@ -152,21 +153,24 @@ class Llama(nnx.Module):
 
     def __call__(self, ids: Int[Array, "B T"], cache: KVCache, valid: Bool[Array, "B T"], *,
                  all_logits: bool = True, press: Press | None = None, press_states: tuple | None = None,
-                 room: int = 0, last_chunk: bool = True):
+                 room: int = 0, last_chunk: bool = True, inputs_embeds: Float[Array, "B T E"] | None = None,
+                 extra_mask: Bool[Array, "B T C"] | None = None):
         """Returns (logits, cache, press_states). With a `press`, each layer's cache goes through
         it right after the layer's attention (kvpress semantics); `press_states` (one per layer,
-        from `press.init` when None) carry what it observed in earlier chunks."""
+        from `press.init` when None) carry what it observed in earlier chunks. `inputs_embeds`
+        replaces the tokens' embeddings (learned tokens such as gists); `extra_mask` `[B, T, C]`
+        hides cache slots from the chunk's queries in every layer (the XLA attention runs then)."""
         self.check_cache(cache)
         check_attn_impl(self.attn_impl, self.config.sliding_window)
         positions = cache.num_seen[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
         if press is not None and press_states is None:
             press_states = tuple(press.init(layer, index) for index, layer in enumerate(cache.layers))
-        x = self.embed_tokens(ids)
+        x = self.embed_tokens(ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         layers, states = [], []
         for index, (block, layer) in enumerate(zip(self.layers, cache.layers)):
             state = press_states[index] if press is not None else None
             x, layer, state = block(x, layer, positions, valid, press, state, room, index, last_chunk,
-                                    self.attn_impl)
+                                    self.attn_impl, extra_mask)
             layers.append(layer)
             states.append(state)
         x = self.norm(x if all_logits else x[:, -1])

@@ -1,0 +1,63 @@
+"""Gist tokens in the model: the training forward under the gist mask and the inference cache of
+k gist entries give the same continuation logits; the gists carry the context."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import tokcomp_jax as tc
+from tokcomp_jax.learned.gist import GistTokens, compress_to_gists, gist_logits, gist_loss
+
+
+@pytest.fixture(scope="module")
+def model_and_gists():
+    model = tc.testing.tiny_llama(seed=1)
+    return model, GistTokens(model, 3, rngs=nnx.Rngs(0))
+
+
+def test_training_forward_equals_inference_on_the_gist_cache(model_and_gists):
+    model, gists = model_and_gists
+    rng = np.random.default_rng(0)
+    context, continuation = rng.integers(1, 64, (2, 9)), rng.integers(1, 64, (2, 5))
+    training = gist_logits(model, gists, context, continuation)[:, -5:]
+    cache = compress_to_gists(model, gists, context, room=5)
+    assert cache.lengths.tolist() == [[[3, 3]] * 2] * 2 and cache.num_seen.tolist() == [12, 12]
+    assert cache.positions[0][0, 0, :3].tolist() == [9, 10, 11]
+    inference, _ = tc.prefill(model, continuation, cache=cache, all_logits=True)
+    np.testing.assert_allclose(inference, training, atol=1e-5)
+
+
+def test_the_continuation_sees_the_context_only_through_the_gists(model_and_gists):
+    model, gists = model_and_gists
+    context, continuation = jnp.arange(1, 10)[None], jnp.arange(20, 25)[None]
+    logits = gist_logits(model, gists, context, continuation)
+    changed = gist_logits(model, gists, context.at[0, 2].set(40), continuation)
+    assert not np.allclose(logits[:, -5:], changed[:, -5:], atol=1e-4)  # through the gists' KV
+    # Without the gist mask (plain causal), the continuation's logits would differ from the gist cache's.
+    ids = jnp.concatenate([context, jnp.zeros((1, 3), jnp.int32), continuation], axis=1)
+    embeds = model.embed_tokens(ids).at[0, 9:12].set(gists.embeddings[...])
+    plain, _, _ = model(ids, model.init_cache(1, 17), jnp.ones((1, 17), bool), inputs_embeds=embeds)
+    assert not np.allclose(plain[:, -5:], logits[:, -5:], atol=1e-4)
+
+
+def test_the_loss_trains_the_gists(model_and_gists):
+    model, gists = model_and_gists
+    context, continuation = jnp.arange(1, 10)[None], jnp.arange(20, 25)[None]
+    grads = nnx.grad(lambda g: gist_loss(model, g, context, continuation))(gists)
+    assert float(jnp.abs(grads.embeddings[...]).sum()) > 0
+    logits = gist_logits(model, gists, context, continuation)
+    logp = jax.nn.log_softmax(logits[0, 11:16])
+    expected = -np.mean([logp[i, int(t)] for i, t in enumerate(continuation[0])])
+    np.testing.assert_allclose(gist_loss(model, gists, context, continuation), expected, rtol=1e-6)
+
+
+def test_bad_input_raises():
+    model = tc.testing.tiny_llama()
+    with pytest.raises(ValueError, match="num_tokens"):
+        GistTokens(model, 0, rngs=nnx.Rngs(0))
+    gists = GistTokens(model, 2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="context_ids must be integer token ids"):
+        compress_to_gists(model, gists, [1.5, 2.5])
+    with pytest.raises(ValueError, match="room"):
+        compress_to_gists(model, gists, [[1, 2]], room=-1)

@@ -1,0 +1,115 @@
+"""Gist tokens (Mu, Li & Goodman, 2023, "Learning to Compress Prompts with Gist Tokens",
+arXiv:2304.08467): k learned tokens placed after a context; under the gist mask the tokens after
+them see the gists but not the context, so training makes the gists' KV entries carry it. At
+inference those k entries per layer are the whole compressed cache.
+
+Sequences are [context (n tokens), gists (k), continuation (m)] at positions 0 .. n + k + m - 1;
+the continuation is predicted from the last gist on.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from tokcomp_jax.cache import KVCache, LayerCache
+from tokcomp_jax.learned.gist_mask import gist_mask
+from tokcomp_jax.models.llama import Llama
+
+
+class GistTokens(nnx.Module):
+    """`num_tokens` learned input embeddings, initialised at the mean of the model's token
+    embeddings plus small noise (distinct gists), as new tokens of the vocabulary would be."""
+
+    def __init__(self, model: Llama, num_tokens: int, *, rngs: nnx.Rngs, noise: float = 0.02):
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens (gist tokens) must be at least 1, got {num_tokens}.")
+        table = model.embed_tokens.embedding[...].astype(jnp.float32)
+        std = noise * jnp.std(table)
+        init = jnp.mean(table, axis=0) + std * jax.random.normal(rngs.params(), (num_tokens, table.shape[1]))
+        self.embeddings = nnx.Param(init)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.embeddings.shape[0]
+
+
+def _check_ids(name: str, ids) -> jax.Array:
+    ids = jnp.asarray(ids)
+    if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer) or ids.shape[1] < 1:
+        raise ValueError(f"{name} must be integer token ids shaped [B, n] with n >= 1, got shape {ids.shape} "
+                         f"and dtype {ids.dtype}.")
+    return ids.astype(jnp.int32)
+
+
+def _with_gists(model: Llama, gists: GistTokens, context_ids, continuation_ids=None):
+    """Token ids (0 at the gists), input embeddings and the gist flags of [context, gists, continuation]."""
+    context_ids = _check_ids("context_ids", context_ids)
+    batch, n = context_ids.shape
+    k = gists.num_tokens
+    parts = [context_ids, jnp.zeros((batch, k), jnp.int32)]
+    if continuation_ids is not None:
+        continuation_ids = _check_ids("continuation_ids", continuation_ids)
+        if continuation_ids.shape[0] != batch:
+            raise ValueError(f"continuation_ids has {continuation_ids.shape[0]} rows but context_ids has {batch}.")
+        parts.append(continuation_ids)
+    ids = jnp.concatenate(parts, axis=1)
+    is_gist = (jnp.arange(ids.shape[1]) >= n) & (jnp.arange(ids.shape[1]) < n + k)
+    is_gist = jnp.broadcast_to(is_gist, ids.shape)
+    embeds = model.embed_tokens(ids)
+    gist_index = jnp.clip(jnp.arange(ids.shape[1]) - n, 0, k - 1)
+    embeds = jnp.where(is_gist[..., None], gists.embeddings[...].astype(embeds.dtype)[gist_index], embeds)
+    return ids, embeds, is_gist
+
+
+def gist_logits(model: Llama, gists: GistTokens, context_ids: Int[Array, "B n"],
+                continuation_ids: Int[Array, "B m"]) -> Float[Array, "B S V"]:
+    """Logits of every position of [context, gists, continuation] under the gist mask (training)."""
+    ids, embeds, is_gist = _with_gists(model, gists, context_ids, continuation_ids)
+    batch, steps = ids.shape
+    cache = model.init_cache(batch, steps)  # slot s holds position s: the mask's key index is the slot
+    logits, _, _ = model(ids, cache, jnp.ones(ids.shape, bool), all_logits=True, inputs_embeds=embeds,
+                         extra_mask=gist_mask(is_gist))
+    return logits
+
+
+def gist_loss(model: Llama, gists: GistTokens, context_ids: Int[Array, "B n"],
+              continuation_ids: Int[Array, "B m"]) -> Float[Array, ""]:
+    """Mean next-token cross-entropy of the continuation, which sees the context only through the gists."""
+    logits = gist_logits(model, gists, context_ids, continuation_ids)
+    m = continuation_ids.shape[1]
+    predicting = logits[:, -m - 1:-1]  # the last gist predicts the first continuation token
+    logp = jax.nn.log_softmax(predicting.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(continuation_ids)[..., None], axis=-1))
+
+
+def compress_to_gists(model: Llama, gists: GistTokens, context_ids: Int[Array, "B n"], *,
+                      room: int = 0) -> KVCache:
+    """The cache a context compresses to: the gists' k entries per layer and KV head (run after the
+    context, which is plain causal attention), with `room` free slots for what follows.
+
+    >>> import tokcomp_jax as tc
+    >>> from flax import nnx
+    >>> model = tc.testing.tiny_llama()
+    >>> cache = compress_to_gists(model, GistTokens(model, 2, rngs=nnx.Rngs(0)), [[5, 6, 7, 8]], room=8)
+    >>> cache.lengths[0].tolist(), cache.capacities[0], int(cache.num_seen[0])
+    ([[2, 2]], 10, 6)
+    """
+    if room < 0:
+        raise ValueError(f"room (free slots after the gists) must be >= 0, got {room}.")
+    ids, embeds, _ = _with_gists(model, gists, context_ids)
+    batch, steps = ids.shape
+    k = gists.num_tokens
+    _, cache, _ = model(ids, model.init_cache(batch, steps), jnp.ones(ids.shape, bool), all_logits=False,
+                        inputs_embeds=embeds)
+
+    def keep_gists(layer: LayerCache) -> LayerCache:
+        pad = ((0, 0), (0, 0), (0, room))
+        return LayerCache(keys=jnp.pad(layer.keys[:, :, -k:], pad + ((0, 0),)),
+                          values=jnp.pad(layer.values[:, :, -k:], pad + ((0, 0),)),
+                          positions=jnp.pad(layer.positions[:, :, -k:], pad, constant_values=-1),
+                          lengths=jnp.full(layer.lengths.shape, k, jnp.int32))
+
+    return KVCache(tuple(keep_gists(layer) for layer in cache.layers), cache.num_seen)
+
