@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import tokcomp_jax as tc
-from tokcomp_jax.learned.gist import GistTokens, compress_to_gists, gist_logits, gist_loss
+from tokcomp_jax.learned.gist import GistTokens, compress_to_gists, gist_logits, gist_loss, gist_press
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +26,25 @@ def test_training_forward_equals_inference_on_the_gist_cache(model_and_gists):
     assert cache.positions[0][0, 0, :3].tolist() == [9, 10, 11]
     inference, _ = tc.prefill(model, continuation, cache=cache, all_logits=True)
     np.testing.assert_allclose(inference, training, atol=1e-5)
+
+
+def test_generation_with_the_gist_press_continues_from_the_gists(model_and_gists):
+    """`tc.generate_ids(..., press=gist_press)` on ragged prompts: each row's greedy tokens are what
+    the training forward predicts from its context's gists."""
+    model, gists = model_and_gists
+    prompts = [list(range(3, 14)), list(range(20, 27))]
+    result = tc.generate_ids(model, prompts, max_new_tokens=3, press=gist_press(gists))
+    assert (result.cache.lengths == 3 + 3).all()  # the gists and the tokens decoded after them
+    for prompt, tokens in zip(prompts, result.tokens):
+        continuation = []
+        for _ in range(3):
+            context = jnp.asarray([prompt])
+            follow = jnp.asarray([continuation or [0]])
+            logits = gist_logits(model, gists, context, follow)[0]
+            continuation.append(int(jnp.argmax(logits[len(prompt) + 3 - 1 + len(continuation)])))
+        assert tokens == continuation
+    with pytest.raises(ValueError, match="all_logits is not available"):
+        tc.prefill(model, prompts, press=gist_press(gists), all_logits=True)
 
 
 def test_the_continuation_sees_the_context_only_through_the_gists(model_and_gists):

@@ -22,9 +22,10 @@ DEFAULT_CHUNK_SIZE = 512
 
 
 def _forward(graphdef, state, ids, cache, valid, all_logits, press=None, press_states=None, room=0,
-             last_chunk=True):
+             last_chunk=True, inputs_embeds=None):
     return nnx.merge(graphdef, state)(ids, cache, valid, all_logits=all_logits, press=press,
-                                      press_states=press_states, room=room, last_chunk=last_chunk)
+                                      press_states=press_states, room=room, last_chunk=last_chunk,
+                                      inputs_embeds=inputs_embeds)
 
 
 _STATIC = ("graphdef", "all_logits", "press", "room", "last_chunk")
@@ -89,6 +90,11 @@ def prefill(model: Llama, ids, *, lengths=None, cache: KVCache | None = None, ca
     vocab = model.config.vocab_size
     if ids.min() < 0 or ids.max() >= vocab:
         raise ValueError(f"ids must be token ids in [0, {vocab}), got values in [{ids.min()}, {ids.max()}].")
+    suffix = None if press is None else press.suffix  # learned tokens the press appends (gists)
+    added = 0 if suffix is None else suffix.num_tokens
+    if suffix is not None and all_logits:
+        raise ValueError("all_logits is not available with a press that appends learned tokens (gists); "
+                         "prefill the prompt without it for every position's logits.")
     longest = int(lengths.max())
     # Rows are aligned to the end, so that every row's last tokens are in the last chunk.
     width = _padded_length(steps, chunk_size)
@@ -98,6 +104,8 @@ def prefill(model: Llama, ids, *, lengths=None, cache: KVCache | None = None, ca
         if longest > capacity:
             raise ValueError(f"the prompt has {longest} tokens but capacity is {capacity}; raise capacity.")
         room = capacity - longest
+        capacity += added
+        longest += added
         if press is not None and press.bounded is not None:  # compressed after every chunk
             capacity = min(capacity, press.bounded + max(chunk, room))
         cache = model.init_cache(batch, capacity)
@@ -107,6 +115,7 @@ def prefill(model: Llama, ids, *, lengths=None, cache: KVCache | None = None, ca
             raise ValueError("pass either cache or capacity, not both.")
         if cache.batch_size != batch:
             raise ValueError(f"cache holds {cache.batch_size} rows but ids has {batch}.")
+        longest += added
         room = int(cache.free_slots().min()) - longest
         if room < 0:
             cache.check_room(longest)  # raises, naming the layer
@@ -117,16 +126,20 @@ def prefill(model: Llama, ids, *, lengths=None, cache: KVCache | None = None, ca
     for row in range(batch):
         aligned[row, starts[row]:] = ids[row, :lengths[row]]
     valid = np.arange(width) >= starts[:, None]
+    chunks = [(aligned[:, start:start + chunk], valid[:, start:start + chunk], None)
+              for start in range(0, width, chunk)]
+    if suffix is not None:
+        embeds = jnp.broadcast_to(suffix.embeddings[...], (batch, *suffix.embeddings.shape))
+        chunks.append((np.zeros((batch, added), np.int32), np.ones((batch, added), bool), embeds))
     graphdef, state = nnx.split(model)
     pieces, press_states = [], None
-    for start in range(0, width, chunk):
+    for index, (chunk_ids, chunk_valid, embeds) in enumerate(chunks):
         # Only a press tells the last chunk apart (without one, every chunk runs one program).
-        last_chunk = press is None or start + chunk == width
+        last_chunk = press is None or index == len(chunks) - 1
         compresses = press is not None and last_chunk  # a smaller cache comes out: nothing to reuse
         forward = _forward_jit_donating if owned and not compresses else _forward_jit
-        logits, cache, press_states = forward(graphdef, state, aligned[:, start:start + chunk], cache,
-                                              valid[:, start:start + chunk], all_logits, press, press_states,
-                                              room, last_chunk)
+        logits, cache, press_states = forward(graphdef, state, chunk_ids, cache, chunk_valid, all_logits, press,
+                                              press_states, room, last_chunk, embeds)
         owned = True
         if all_logits:
             pieces.append(logits)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from tokcomp_jax.cache import KVCache, LayerCache
+from tokcomp_jax.cache import KVCache
+from tokcomp_jax.generation import prefill
 from tokcomp_jax.learned.gist_mask import gist_mask
 from tokcomp_jax.models.llama import Llama
+from tokcomp_jax.presses.base import Press, keep_top, no_state
 
 
 class GistTokens(nnx.Module):
@@ -84,32 +87,37 @@ def gist_loss(model: Llama, gists: GistTokens, context_ids: Int[Array, "B n"],
     return -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(continuation_ids)[..., None], axis=-1))
 
 
-def compress_to_gists(model: Llama, gists: GistTokens, context_ids: Int[Array, "B n"], *,
-                      room: int = 0) -> KVCache:
-    """The cache a context compresses to: the gists' k entries per layer and KV head (run after the
-    context, which is plain causal attention), with `room` free slots for what follows.
+def gist_press(gists: GistTokens) -> Press:
+    """The press of trained gists: `tc.prefill` / `tc.generate` run the gist tokens after the
+    prompt and the cache keeps only their k entries per layer and KV head (plus the room asked for).
 
     >>> import tokcomp_jax as tc
     >>> from flax import nnx
     >>> model = tc.testing.tiny_llama()
-    >>> cache = compress_to_gists(model, GistTokens(model, 2, rngs=nnx.Rngs(0)), [[5, 6, 7, 8]], room=8)
-    >>> cache.lengths[0].tolist(), cache.capacities[0], int(cache.num_seen[0])
-    ([[2, 2]], 10, 6)
+    >>> press = gist_press(GistTokens(model, 2, rngs=nnx.Rngs(0)))
+    >>> _, cache = tc.prefill(model, [[5, 6, 7, 8], [9, 10]], press=press, capacity=12)
+    >>> cache.lengths[0].tolist(), cache.capacities[0], cache.num_seen.tolist()
+    ([[2, 2], [2, 2]], 10, [6, 4])
     """
+    k = gists.num_tokens
+
+    def compress(layer, obs, state, **extra):
+        del extra
+        if not obs.last_chunk:
+            return layer, state
+        # The gists are each row's latest k entries.
+        return keep_top(layer, layer.positions, jnp.minimum(layer.lengths, k), k + obs.room), state
+
+    return Press(init=no_state, compress=compress, suffix=gists)
+
+
+def compress_to_gists(model: Llama, gists: GistTokens, context_ids: Int[Array, "B n"], *,
+                      room: int = 0) -> KVCache:
+    """The cache a context compresses to: the gists' k entries per layer and KV head (run after the
+    context, which is plain causal attention), with `room` free slots for what follows."""
     if room < 0:
         raise ValueError(f"room (free slots after the gists) must be >= 0, got {room}.")
-    ids, embeds, _ = _with_gists(model, gists, context_ids)
-    batch, steps = ids.shape
-    k = gists.num_tokens
-    _, cache, _ = model(ids, model.init_cache(batch, steps), jnp.ones(ids.shape, bool), all_logits=False,
-                        inputs_embeds=embeds)
-
-    def keep_gists(layer: LayerCache) -> LayerCache:
-        pad = ((0, 0), (0, 0), (0, room))
-        return LayerCache(keys=jnp.pad(layer.keys[:, :, -k:], pad + ((0, 0),)),
-                          values=jnp.pad(layer.values[:, :, -k:], pad + ((0, 0),)),
-                          positions=jnp.pad(layer.positions[:, :, -k:], pad, constant_values=-1),
-                          lengths=jnp.full(layer.lengths.shape, k, jnp.int32))
-
-    return KVCache(tuple(keep_gists(layer) for layer in cache.layers), cache.num_seen)
-
+    context_ids = _check_ids("context_ids", context_ids)
+    _, cache = prefill(model, np.asarray(context_ids), press=gist_press(gists),
+                       capacity=context_ids.shape[1] + room)
+    return cache

@@ -64,13 +64,16 @@ class Press(NamedTuple):
     A press that scores entries and keeps the best within a budget also exposes its `scorer` and
     `budget`, so that other selectors (e.g. AdaKV's per-head budgets) can wrap it. `bounded` is
     the most entries per (row, KV head) a press that compresses after every prefill chunk keeps
-    (None: it compresses once the prompt is complete), for `tc.prefill` to size the cache."""
+    (None: it compresses once the prompt is complete), for `tc.prefill` to size the cache.
+    `suffix`, an object with `.embeddings` `[k, E]` and `.num_tokens` (e.g. trained gist tokens),
+    makes `tc.prefill` run those learned tokens after the prompt, in the chunk the press compresses."""
 
     init: Callable[[LayerCache, int], Any]
     compress: Callable[..., tuple[LayerCache, Any]]
     scorer: Scorer | None = None
     budget: "Budget | None" = None
     bounded: int | None = None
+    suffix: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
