@@ -188,9 +188,9 @@ def test_a_whole_prefill_of_4096_tokens_in_chunks_of_512_builds_no_s_by_s_value(
     traces = []
 
     def trace_instead(graphdef, state, ids, cache, valid, all_logits, press=None, press_states=None, room=0,
-                      last_chunk=True):
+                      last_chunk=True, inputs_embeds=None):
         closed, shapes = jax.make_jaxpr(generation._forward, static_argnums=(0, 5, 6, 8, 9), return_shape=True)(
-            graphdef, state, ids, cache, valid, all_logits, press, press_states, room, last_chunk)
+            graphdef, state, ids, cache, valid, all_logits, press, press_states, room, last_chunk, inputs_embeds)
         traces.append((last_chunk, closed))
         return shapes
 
