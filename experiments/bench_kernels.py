@@ -95,8 +95,8 @@ def bench_decode(config, key, dtype, bandwidth: float) -> None:
                 full = kernel if ratio == 0 or full is None else full
                 read = 2 * batch * c.num_kv_heads * kept * c.head_dim * itemsize
                 print(f"{batch:>3} {length:>7} {ratio:>5.2f} {read / 1e6:>9.1f} {kernel * 1e3:>8.3f} "
-                      f"{probs * 1e3:>8.3f} {xla * 1e3:>8.3f} {read / kernel / 1e9:>7.1f} "
-                      f"{read / kernel / bandwidth:>7.2f} {probs / kernel:>11.2f} {xla / kernel:>10.2f} "
+                      f"{probs * 1e3:>8.3f} {xla * 1e3:>8.3f} {read / kernel / 1e9:>7.3g} "
+                      f"{read / kernel / bandwidth:>7.3g} {probs / kernel:>11.2f} {xla / kernel:>10.2f} "
                       f"{kernel / full:>11.2f}", flush=True)
 
 

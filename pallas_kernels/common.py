@@ -92,6 +92,12 @@ def check_pool(keys, values, starts, lengths, positions=None) -> tuple[int, int,
     return batch, slots, starts.shape[1], head_dim
 
 
+def segment_mask(starts: jax.Array, lengths: jax.Array, slots: int) -> jax.Array:
+    """`[B, Hkv, N]`: slot n belongs to the segment of KV head h in row b."""
+    n = jnp.arange(slots, dtype=jnp.int32)
+    return (n >= starts[..., None]) & (n < (starts + lengths)[..., None])
+
+
 def uniform_starts(batch: int, kv_heads: int, capacity: int) -> jax.Array:
     """`starts` of a uniform cache `[B, Hkv, C, D]` viewed as a pool `[B, Hkv * C, D]`."""
     return jnp.broadcast_to(jnp.arange(kv_heads, dtype=jnp.int32) * capacity, (batch, kv_heads))

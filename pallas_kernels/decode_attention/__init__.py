@@ -11,9 +11,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import check_block_size, check_dtypes, check_pool, resolve_backend, resolve_max_segment
+from pallas_kernels.common import (check_block_size, check_dtypes, check_pool, resolve_backend, resolve_max_segment,
+                                   segment_mask)
 from pallas_kernels.decode_attention.kernel import gpu_decode_partials, tpu_decode_partials
-from pallas_kernels.decode_attention.reference import decode_attention_reference, segment_mask
+from pallas_kernels.decode_attention.reference import decode_attention_reference
 
 __all__ = ["decode_attention", "decode_attention_reference"]
 

@@ -1,14 +1,9 @@
 """Dense masked decode attention over a pool of KV slots: the oracle for the kernels."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-
-def segment_mask(starts: jax.Array, lengths: jax.Array, slots: int) -> jax.Array:
-    """inside [B, Hkv, N]: slot n belongs to the segment of KV head h in row b."""
-    n = jnp.arange(slots, dtype=jnp.int32)
-    return (n >= starts[..., None]) & (n < (starts + lengths)[..., None])
+from pallas_kernels.common import segment_mask
 
 
 def decode_attention_reference(q, keys, values, starts, lengths, *, return_probs=False, scale=None):

@@ -30,6 +30,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.common import segment_mask
+
 
 def _fold_rows(q, query_positions, query_weights, lse, kv_heads: int, block_q: int):
     """Queries as rows per KV head, padded at the end to a multiple of block_q.
@@ -83,7 +85,7 @@ def _gather_slots(per_block, starts, lengths, slots: int, block_k: int):
     """[B, Hkv, K * block_k] sums over each head's key blocks -> [B, N], 0 for slots in no segment."""
     batch, _, span = per_block.shape
     slot = jnp.arange(slots, dtype=jnp.int32)
-    owned = (slot >= starts[..., None]) & (slot < (starts + lengths)[..., None])           # [B, Hkv, N]
+    owned = segment_mask(starts, lengths, slots)                                           # [B, Hkv, N]
     owner = jnp.argmax(owned, axis=1)                                                      # [B, N]
     owner_start = jnp.take_along_axis(starts, owner, axis=1)
     index = owner * span + slot - owner_start // block_k * block_k

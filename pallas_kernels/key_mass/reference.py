@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.common import segment_mask
+
 
 def key_mass_reference(q: jax.Array, keys: jax.Array, starts: jax.Array, lengths: jax.Array,
                        positions: jax.Array, query_positions: jax.Array, query_weights: jax.Array,
@@ -22,8 +24,7 @@ def key_mass_reference(q: jax.Array, keys: jax.Array, starts: jax.Array, lengths
     slots = keys.shape[1]
     group = heads // starts.shape[1]
     scale = head_dim ** -0.5 if scale is None else scale
-    slot = jnp.arange(slots)
-    owned = (slot >= starts[..., None]) & (slot < (starts + lengths)[..., None])            # [B, Hkv, N]
+    owned = segment_mask(starts, lengths, slots)                                             # [B, Hkv, N]
     owned = jnp.repeat(owned, group, axis=1)                                                 # [B, H, N]
     causal = positions[:, None, :] <= query_positions[:, :, None]                            # [B, T, N]
     alive = jnp.isfinite(lse) & (query_weights[:, None, :] != 0)                             # [B, H, T]

@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import segment_mask
+
 
 def prefill_attention_reference(q: jax.Array, keys: jax.Array, values: jax.Array, starts: jax.Array,
                                 lengths: jax.Array, positions: jax.Array, query_positions: jax.Array, *,
@@ -18,8 +20,7 @@ def prefill_attention_reference(q: jax.Array, keys: jax.Array, values: jax.Array
     kv_heads = starts.shape[1]
     group = heads // kv_heads
     scale = head_dim ** -0.5 if scale is None else scale
-    slot = jnp.arange(keys.shape[1])
-    in_segment = (slot >= starts[..., None]) & (slot < (starts + lengths)[..., None])  # [B, Hkv, N]
+    in_segment = segment_mask(starts, lengths, keys.shape[1])  # [B, Hkv, N]
     causal = positions[:, None, :] <= query_positions[:, :, None]  # [B, T, N]
     visible = in_segment[:, :, None, None, :] & causal[:, None, None, :, :]  # [B, Hkv, 1, T, N]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import check_shape
+from pallas_kernels.common import check_shape, segment_mask
 from pallas_kernels.key_mass import key_mass
 from pallas_kernels.prefill_attention import prefill_attention
 
@@ -23,7 +23,7 @@ def pool_keys(per_slot: jax.Array, starts: jax.Array, lengths: jax.Array, pool_s
     if pool_size < 1 or pool_size % 2 == 0:
         raise ValueError(f"pool_size must be an odd number of keys >= 1, got {pool_size}.")
     slots = jnp.arange(per_slot.shape[1])
-    inside = (slots >= starts[:, :, None]) & (slots < (starts + lengths)[:, :, None])  # [B, Hkv, N]
+    inside = segment_mask(starts, lengths, per_slot.shape[1])  # [B, Hkv, N]
     values = jnp.where(inside.any(axis=1), per_slot, 0.0)
     if pool_size == 1:
         return values

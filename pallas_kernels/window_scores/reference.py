@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import segment_mask
+
 
 def window_scores_reference(q, keys, values, starts, lengths, positions, query_positions, query_weights, *,
                             pool_size: int = 1, scale=None):
@@ -14,7 +16,7 @@ def window_scores_reference(q, keys, values, starts, lengths, positions, query_p
     kv_heads = starts.shape[1]
     scale = dim ** -0.5 if scale is None else scale
     slots = jnp.arange(keys.shape[1])
-    inside = (slots >= starts[:, :, None]) & (slots < (starts + lengths)[:, :, None])  # [B, Hkv, N]
+    inside = segment_mask(starts, lengths, keys.shape[1])  # [B, Hkv, N]
     owner_inside = jnp.repeat(inside, heads // kv_heads, axis=1)  # [B, H, N]
     visible = owner_inside[:, :, None, :] & (positions[:, None, None, :] <= query_positions[:, None, :, None])
     scores = jnp.einsum("bwhd,bnd->bhwn", q, keys, preferred_element_type=jnp.float32) * scale
