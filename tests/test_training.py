@@ -1,0 +1,237 @@
+"""Training: a tiny run, exact resumption after SIGKILL, gradient accumulation, LoRA, task plug-ins,
+sharded runs on 8 fake CPU devices (subprocesses: tests/training_worker.py), config errors."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from tokcomp_jax.testing import tiny_llama
+from tokcomp_jax.training import (Checkpoints, ConfigError, Task, Trainer, decay_mask, read_metrics, register_task,
+                                  train)
+from tokcomp_jax.training.loop import check_same_run
+from tokcomp_jax.training.metrics import MetricsLog
+from tokcomp_jax.training.tasks import lm_windows
+from training_worker import tiny_config
+
+ROOT = Path(__file__).parents[1]
+WORKER = str(Path(__file__).with_name("training_worker.py"))
+RUN = {"steps": 12, "checkpoint.every": 3, "checkpoint.max_to_keep": 2}
+
+
+def losses(workdir: Path) -> list[float]:
+    return [record["loss"] for record in read_metrics(str(workdir / "metrics.jsonl"))]
+
+
+def steps(workdir: Path) -> list[int]:
+    return [record["step"] for record in read_metrics(str(workdir / "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory) -> Path:
+    """12 uninterrupted steps of configs/train_tiny.py, checkpointed every 3."""
+    workdir = tmp_path_factory.mktemp("run_a")
+    train(tiny_config(RUN), str(workdir))
+    return workdir
+
+
+def test_tiny_run_learns_logs_each_step_and_keeps_max_to_keep_checkpoints(run_a):
+    records = read_metrics(str(run_a / "metrics.jsonl"))
+    assert [record["step"] for record in records] == list(range(1, 13))
+    assert {"loss", "grad_norm", "lr", "tokens_per_s", "accuracy"} <= set(records[0])
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0
+    lrs = [record["lr"] for record in records]  # 3 warmup updates to 3e-3, cosine decay to 3e-4
+    assert lrs[:3] == pytest.approx([1e-3, 2e-3, 3e-3]) and lrs[-1] == pytest.approx(3e-4)
+    assert sorted(os.listdir(run_a / "checkpoints")) == ["12", "9"]
+    assert json.loads((run_a / "config.json").read_text())["steps"] == 12
+
+
+def test_killed_run_resumes_exactly_where_it_stopped(run_a, tmp_path):
+    workdir = tmp_path / "b"
+    checkpoints = workdir / "checkpoints"
+    run = [sys.executable, WORKER, "run", str(workdir), json.dumps(RUN)]
+    log = tmp_path / "killed.log"
+    with open(log, "w") as stderr:
+        killed = subprocess.Popen(run + ["8"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.monotonic() + 120
+    while not ((workdir / "blocked").exists() and (checkpoints / "6").is_dir()):  # after step 8, saved step 6
+        assert killed.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the run did not reach step 8"
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert steps(workdir) == list(range(1, 9))
+    # A save killed before Orbax finalised it leaves a temporary directory: resuming ignores it.
+    unfinished = checkpoints / "9.orbax-checkpoint-tmp-1700000000"
+    shutil.copytree(checkpoints / "6", unfinished)
+    for path in unfinished.rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    assert Checkpoints(str(checkpoints), max_to_keep=2).latest_step() == 6
+
+    resumed = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert steps(workdir) == list(range(1, 13))
+    assert losses(workdir) == losses(run_a)  # bit for bit, steps 7 to 12 included
+    assert sorted(os.listdir(checkpoints)) == ["12", "9"]
+
+    trainer = Trainer(tiny_config(RUN))
+    restored = [Checkpoints(str(path / "checkpoints"), max_to_keep=2).restore(12, trainer.abstract_state())
+                for path in (workdir, run_a)]
+    jax.tree.map(np.testing.assert_array_equal, *restored)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    def one_update(accum_steps):
+        trainer = Trainer(tiny_config({"batch_size": 4, "grad_accum_steps": accum_steps, "optim.warmup_steps": 0}))
+        state, metrics = trainer.step(trainer.init_state(), trainer.batch(0))
+        return jax.device_get((state["trained"], metrics))
+
+    (big, big_metrics), (accumulated, accumulated_metrics) = one_update(1), one_update(2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), accumulated, big)
+    for name in ("loss", "grad_norm", "accuracy"):
+        np.testing.assert_allclose(accumulated_metrics[name], big_metrics[name], rtol=1e-5)
+
+
+def test_lora_trains_adapters_only_and_starts_from_the_base_model(run_a):
+    trainer = Trainer(tiny_config({**RUN, "trainable": "lora", "lora.targets": ("q_proj", "v_proj")}))
+    state = trainer.init_state()
+    before = jax.device_get(state["trained"]["model"])
+    base = jax.device_get(trainer.frozen)
+    history = []
+    for step in range(3):
+        state, metrics = trainer.step(state, trainer.batch(step))
+        history.append(float(metrics["loss"]))
+    assert history[0] == losses(run_a)[0]  # B = 0: the base model's loss, exactly
+    assert history[-1] < history[0]
+
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(trainer.frozen), base)
+    jax.tree.map(np.testing.assert_array_equal, base, nnx.to_pure_dict(nnx.state(tiny_llama(seed=0, vocab_size=264))))
+    after = jax.device_get(state["trained"]["model"])
+    for layer in (0, 1):
+        attention = after["layers"][layer]["self_attn"]
+        assert sorted(attention) == ["q_proj", "v_proj"] and sorted(after["layers"][layer]) == ["self_attn"]
+        for name in ("q_proj", "v_proj"):
+            lora, initial = attention[name]["lora"], before["layers"][layer]["self_attn"][name]["lora"]
+            assert not np.any(initial["lora_b"]) and np.any(lora["lora_b"])
+            assert not np.array_equal(lora["lora_a"], initial["lora_a"])
+    # The optimizer holds two moments of the adapters, and step counts.
+    moments = [x.size for x in jax.tree.leaves(state["opt_state"]) if x.ndim]
+    assert sum(moments) == 2 * sum(x.size for x in jax.tree.leaves(after))
+
+
+class LogitBias(nnx.Module):
+    """A task's own module: a learned bias on the logits."""
+
+    def __init__(self, vocab_size: int):
+        self.bias = nnx.Param(jnp.zeros((vocab_size,)))
+
+
+def logit_bias_loss(model, module, batch):
+    ids = batch["ids"]
+    inputs = ids[:, :-1]
+    logits, _, _ = model(inputs, model.init_cache(*inputs.shape), jnp.ones(inputs.shape, bool))
+    return optax.softmax_cross_entropy_with_integer_labels(logits + module.bias[...], ids[:, 1:]).mean(), {}
+
+
+def logit_bias_task(config):
+    return Task(init=lambda config, model, tokenizer: LogitBias(model.config.vocab_size), loss=logit_bias_loss,
+                data=lm_windows, extra_axes={"bias": ("vocab",)}, no_decay=("bias",))
+
+
+register_task("test_logit_bias", logit_bias_task)
+
+
+def test_a_registered_task_trains_its_own_module_with_the_model_frozen():
+    trainer = Trainer(tiny_config({"task": "test_logit_bias", "trainable": "none", "compute_dtype": "bfloat16"}))
+    state = trainer.init_state()
+    assert trainer.frozen["layers"][0]["mlp"]["up_proj"]["kernel"].dtype == jnp.bfloat16
+    for step in range(2):
+        state, metrics = trainer.step(state, trainer.batch(step))
+    trained = jax.device_get(state["trained"])
+    assert trained["model"] == {} and trained["task"]["bias"].dtype == np.float32 and np.any(trained["task"]["bias"])
+    assert np.isfinite(float(metrics["loss"]))
+    register_task("test_logit_bias", logit_bias_task)  # the same factory again: a no-op
+    with pytest.raises(ValueError, match="already registered"):
+        register_task("test_logit_bias", lambda config: None)
+
+
+def test_sharded_runs_match_one_device(run_a, tmp_path):
+    # Without LLVM's optimisations, which only slow the compilation down here: XLA still partitions
+    # the programs for each mesh.
+    flags = (f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8 "
+             "--xla_backend_optimization_level=0").strip()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "KUBERNETES_"))}
+    env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    layouts = {"8": {"data": 8}, "2x2x2": {"data": 2, "fsdp": 2, "tensor": 2}}
+    overrides = {**RUN, "checkpoint.every": 100}  # one save, at the end
+    run = subprocess.run([sys.executable, WORKER, "layouts", str(tmp_path), json.dumps(overrides), json.dumps(layouts)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.splitlines()[-1])
+    assert result["devices"] == 8
+    for name in layouts:
+        np.testing.assert_allclose(result["losses"][name], losses(run_a), rtol=1e-4)
+    # A checkpoint saved on one mesh restores onto another, exactly.
+    assert result["restored_shardings_kept"] and result["restored_difference"] == 0
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"task": "no_such_task"}, "config.task"),
+    ({"optim.lr": 0.0}, "config.optim.lr"),
+    ({"optim.lr": -1e-3}, "config.optim.lr"),
+    ({"grad_accum_steps": 3}, "config.grad_accum_steps"),
+    ({"trainable": "qlora"}, "config.trainable"),
+    ({"trainable": "lora", "lora.targets": ("q_proj", "qq_proj")}, "config.lora.targets"),
+    ({"compute_dtype": "float16"}, "config.compute_dtype"),
+    ({"trainable": "none"}, "config.trainable"),
+])
+def test_bad_config_values_fail_before_anything_runs(tmp_path, overrides, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        train(tiny_config(overrides), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_mesh_fails_before_the_model_loads(tmp_path):
+    with pytest.raises(ConfigError, match=r"config\.mesh: .*3 devices"):
+        Trainer(tiny_config({"mesh.data": 3}))
+
+
+def test_cli_reports_a_bad_field_without_a_traceback(tmp_path):
+    run = subprocess.run([sys.executable, "experiments/train.py", "--config=configs/train_tiny.py",
+                          f"--workdir={tmp_path / 'run'}", "--config.optim.lr=-0.1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "config.optim.lr must be a number > 0, got -0.1" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_resumed_metrics_drop_later_steps_and_cut_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in range(1, 9)) + '{"step": 9, "lo')
+    log = MetricsLog(str(path), resume_step=6)
+    log.write({"step": 7, "loss": 0.5})
+    assert [record["step"] for record in read_metrics(str(path))] == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_weight_decay_skips_vectors_and_new_token_embeddings():
+    params = {"model": {"q_proj": {"kernel": np.ones((2, 2)), "bias": np.ones(2)}, "norm": {"weight": np.ones(2)}},
+              "task": {"gist_tokens": np.ones((3, 2))}}
+    assert decay_mask(params, no_decay=("gist_tokens",)) == {
+        "model": {"q_proj": {"kernel": True, "bias": False}, "norm": {"weight": False}}, "task": {"gist_tokens": False}}
+
+
+def test_a_run_resumes_only_with_a_config_that_computes_the_same(tmp_path):
+    (tmp_path / "config.json").write_text(tiny_config(RUN).to_json())
+    check_same_run(tiny_config({**RUN, "mesh.data": 1, "checkpoint.every": 5, "log_every": 2}), str(tmp_path))
+    with pytest.raises(ConfigError, match=r"differs in optim\.lr, steps;"):
+        check_same_run(tiny_config({**RUN, "steps": 20, "optim.lr": 1e-3}), str(tmp_path))

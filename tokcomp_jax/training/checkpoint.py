@@ -1,0 +1,46 @@
+"""Checkpoints of a run's training state, named by step, with Orbax.
+
+A checkpoint holds the trained parameters and the optimizer state; its step (updates done) is the
+state of the input pipeline, whose batches are a pure function of the step. Orbax writes each one
+to a temporary directory and renames it when complete, so a run killed while saving leaves only
+finished checkpoints to resume from (and the unfinished one's temporary directory, which the next
+run deletes).
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpoints:
+    """The checkpoints in `directory`: the newest `max_to_keep` are kept; `async_save` writes them in
+    the background while training goes on (the arrays are copied off the devices first)."""
+
+    def __init__(self, directory: str, *, max_to_keep: int, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                               create=True, cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+    def latest_step(self) -> int | None:
+        """The step of the newest finished checkpoint, None if there is none."""
+        return self.manager.latest_step()
+
+    def save(self, step: int, state) -> None:
+        self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+    def restore(self, step: int, abstract_state):
+        """The state saved at `step`, placed like `abstract_state` (`jax.ShapeDtypeStruct`s with
+        shardings), whatever the mesh it was saved from."""
+        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+    def close(self) -> None:
+        """Waits for the saves under way to finish."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree, shardings):
+    """`jax.ShapeDtypeStruct`s of `tree`'s arrays with `shardings`, a restore target."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
