@@ -38,6 +38,7 @@ DEFAULT_RULES: Rules = {
     "batch": ("data", "fsdp"),
     "length": None,
     "embed": "fsdp",
+    "activation_embed": None,  # hidden states [B, T, E]: whole on each device that holds their rows
     "mlp": "tensor",
     "heads": "tensor",
     "kv_heads": "tensor",
@@ -141,6 +142,16 @@ def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
     `jax.make_array_from_process_local_data(batch_sharding(mesh), local_rows)`.
     """
     return logical_to_sharding(("batch", "length"), mesh, rules)
+
+
+def activation_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """The sharding of the `[B, T, E]` hidden states between decoder layers (`Llama`'s
+    `activation_sharding`): rows over ("data", "fsdp") and each row whole, by default.
+
+    >>> activation_sharding(make_mesh(devices=jax.devices()[:1])).spec
+    P(('data', 'fsdp'), None, None)
+    """
+    return logical_to_sharding(("batch", "length", "activation_embed"), mesh, rules)
 
 
 def _as_tuple(axes: str | Sequence[str] | None) -> tuple[str, ...]:

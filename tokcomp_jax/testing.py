@@ -1,4 +1,5 @@
-"""Tiny random models for tests and examples (users' own tests included)."""
+"""Tiny random models for tests and examples (users' own tests included), and the compiler options
+that measure rematerialisation on CPU."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +11,12 @@ from tokcomp_jax.models.llama import Llama
 
 TINY_CONFIG = ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
                           num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0)
+
+# XLA's CPU compiler drops the barriers that keep a rematerialised layer's recomputation in the
+# backward pass, and merges it back into the forward pass; compiled with these options
+# (`jax.jit(f).lower(...).compile(KEEP_REMAT_ON_CPU)`), CPU keeps remat as TPUs do, and its memory can
+# be measured.
+KEEP_REMAT_ON_CPU = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
 
 def tiny_llama(seed: int = 0, dtype="float32", attn_impl: str = "xla", **overrides) -> Llama:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
 from jaxtyping import Array, Bool, Float, Int
 
 from tokcomp_jax.attention import AttentionStats, attend, check_attn_impl, pallas_attend
@@ -121,13 +122,28 @@ class Llama(nnx.Module):
     `attn_impl` picks the attention implementation of the model and of the presses' scorers:
     "xla" (the reference) or "pallas" (`pallas_kernels`, interpreted on CPU). It may be changed
     on a built model (`model.attn_impl = "pallas"`); jitted calls compile once per value.
+
+    Two static attributes serve training (the trainer sets them; None and False change nothing):
+    `activation_sharding`, a `NamedSharding` of the `[B, T, E]` hidden states, is imposed
+    (`jax.lax.with_sharding_constraint`) on the embeddings, on each layer's output and on the final
+    hidden states, so that sharding propagation keeps them split over rows and cannot carry the
+    weights' FSDP layout into them; `remat` rematerialises each decoder layer: the backward pass
+    keeps only the layer's inputs and runs its forward again (`jax.checkpoint_policies.nothing_saveable`:
+    nothing inside a layer is kept, not even the [H, S, S] attention probabilities).
     """
 
-    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, attn_impl: str = "xla"):
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, attn_impl: str = "xla",
+                 activation_sharding: NamedSharding | None = None, remat: bool = False):
         check_attn_impl(attn_impl, config.sliding_window)
+        if activation_sharding is not None and not isinstance(activation_sharding, NamedSharding):
+            raise TypeError(f"activation_sharding must be a jax.sharding.NamedSharding of [B, T, E] hidden states or "
+                            f"None, got {type(activation_sharding).__name__}; see tokcomp_jax.sharding."
+                            f"activation_sharding(mesh).")
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.attn_impl = attn_impl
+        self.activation_sharding = activation_sharding
+        self.remat = bool(remat)
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
                                       param_dtype=dtype, rngs=rngs)
         self.layers = nnx.List([DecoderLayer(config, dtype, rngs) for _ in range(config.num_layers)])
@@ -154,26 +170,41 @@ class Llama(nnx.Module):
     def __call__(self, ids: Int[Array, "B T"], cache: KVCache, valid: Bool[Array, "B T"], *,
                  all_logits: bool = True, press: Press | None = None, press_states: tuple | None = None,
                  room: int = 0, last_chunk: bool = True, inputs_embeds: Float[Array, "B T E"] | None = None,
-                 extra_mask: Bool[Array, "B T C"] | None = None):
+                 extra_mask: Bool[Array, "B T C"] | None = None, return_hidden: bool = False):
         """Returns (logits, cache, press_states). With a `press`, each layer's cache goes through
         it right after the layer's attention (kvpress semantics); `press_states` (one per layer,
         from `press.init` when None) carry what it observed in earlier chunks. `inputs_embeds`
         replaces the tokens' embeddings (learned tokens such as gists); `extra_mask` `[B, T, C]`
-        hides cache slots from the chunk's queries in every layer (the XLA attention runs then)."""
+        hides cache slots from the chunk's queries in every layer (the XLA attention runs then).
+        `return_hidden` returns the final hidden states (after the last RMSNorm, as Hugging Face's
+        `hidden_states[-1]`; in the model's dtype) in place of the logits."""
         self.check_cache(cache)
         check_attn_impl(self.attn_impl, self.config.sliding_window)
         positions = cache.num_seen[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
         if press is not None and press_states is None:
             press_states = tuple(press.init(layer, index) for index, layer in enumerate(cache.layers))
         x = self.embed_tokens(ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        x = self._constrain(x)
+
+        def run(block, x, layer, state, index):
+            return block(x, layer, positions, valid, press, state, room, index, last_chunk, self.attn_impl, extra_mask)
+        if self.remat:
+            run = nnx.remat(run, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=4)
         layers, states = [], []
         for index, (block, layer) in enumerate(zip(self.layers, cache.layers)):
-            state = press_states[index] if press is not None else None
-            x, layer, state = block(x, layer, positions, valid, press, state, room, index, last_chunk,
-                                    self.attn_impl, extra_mask)
+            x, layer, state = run(block, x, layer, press_states[index] if press is not None else None, index)
+            x = self._constrain(x)
             layers.append(layer)
             states.append(state)
-        x = self.norm(x if all_logits else x[:, -1])
-        logits = self.lm_head(x) if hasattr(self, "lm_head") else self.embed_tokens.attend(x)
+        x = self._constrain(self.norm(x)) if all_logits else self.norm(x[:, -1])
         num_seen = cache.num_seen + jnp.sum(valid, axis=1, dtype=jnp.int32)
-        return logits.astype(jnp.float32), KVCache(tuple(layers), num_seen), tuple(states) if press is not None else None
+        cache, states = KVCache(tuple(layers), num_seen), tuple(states) if press is not None else None
+        if return_hidden:
+            return x, cache, states
+        logits = self.lm_head(x) if hasattr(self, "lm_head") else self.embed_tokens.attend(x)
+        return logits.astype(jnp.float32), cache, states
+
+    def _constrain(self, x: Float[Array, "B T E"]) -> Float[Array, "B T E"]:
+        if self.activation_sharding is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, self.activation_sharding)

@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.steps = 30                      # optimizer updates
     c.batch_size = 8                  # global rows per update, over all processes and micro-batches
     c.grad_accum_steps = 1            # micro-batches per update (batch_size must divide by it)
+    c.remat = False                   # recompute each decoder layer's forward in the backward pass: less memory
     c.log_every = 1                   # updates between metrics lines
 
     c.model = ml_collections.ConfigDict()
@@ -89,6 +90,21 @@ def _require(ok: bool, field: str, value, must: str) -> None:
         raise ConfigError(f"config.{field} must be {must}, got {value!r}.")
 
 
+def check_lora_fields(config: ml_collections.ConfigDict) -> None:
+    """Raises `ConfigError` for a `config.lora` rank, alpha or targets that cannot work."""
+    lora = config.lora
+    _require(_is_int(lora.rank) and lora.rank >= 1, "lora.rank", lora.rank, "an integer >= 1")
+    _require(_is_number(lora.alpha) and lora.alpha > 0, "lora.alpha", lora.alpha, "a number > 0")
+    targets = names(lora.targets)
+    _require(bool(targets) and set(targets) <= set(LINEAR_AXES), "lora.targets", lora.targets,
+             f"projection names among {', '.join(LINEAR_AXES)}")
+
+
+def check_fraction(value, field: str) -> None:
+    """Raises `ConfigError` unless `config.<field>` is a number in [0, 1]."""
+    _require(_is_number(value) and 0 <= value <= 1, field, value, "a number in [0, 1]")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises `ConfigError`, naming the field and what it takes, for a value that cannot work."""
     from tokcomp_jax.training.tasks import make_task
@@ -97,6 +113,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _require(config.compute_dtype in COMPUTE_DTYPES, "compute_dtype", config.compute_dtype,
              f"one of {COMPUTE_DTYPES}")
     _require(_is_int(config.seed) and config.seed >= 0, "seed", config.seed, "an integer >= 0")
+    _require(isinstance(config.remat, bool), "remat", config.remat, "True or False")
     for field in ("steps", "batch_size", "grad_accum_steps", "log_every"):
         _require(_is_int(config[field]) and config[field] >= 1, field, config[field], "an integer >= 1")
     if config.batch_size % config.grad_accum_steps:
@@ -121,8 +138,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _require(_is_number(o.lr) and o.lr > 0, "optim.lr", o.lr, "a number > 0")
     _require(_is_int(o.warmup_steps) and 0 <= o.warmup_steps < config.steps, "optim.warmup_steps",
              o.warmup_steps, f"an integer in [0, config.steps={config.steps})")
-    _require(_is_number(o.end_lr_ratio) and 0 <= o.end_lr_ratio <= 1, "optim.end_lr_ratio", o.end_lr_ratio,
-             "a number in [0, 1]")
+    check_fraction(o.end_lr_ratio, "optim.end_lr_ratio")
     _require(_is_number(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay,
              "a number >= 0")
     for field in ("b1", "b2"):
@@ -132,13 +148,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
              "a number >= 0 (0: no clipping)")
 
     if config.trainable == "lora":
-        _require(_is_int(config.lora.rank) and config.lora.rank >= 1, "lora.rank", config.lora.rank,
-                 "an integer >= 1")
-        _require(_is_number(config.lora.alpha) and config.lora.alpha > 0, "lora.alpha", config.lora.alpha,
-                 "a number > 0")
-        targets = names(config.lora.targets)
-        _require(bool(targets) and set(targets) <= set(LINEAR_AXES), "lora.targets", config.lora.targets,
-                 f"projection names among {', '.join(LINEAR_AXES)}")
+        check_lora_fields(config)
 
     for axis in ("data", "fsdp", "tensor"):
         size = config.mesh[axis]

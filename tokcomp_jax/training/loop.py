@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from tokcomp_jax.checkpoints import load
 from tokcomp_jax.models.llama import Llama
-from tokcomp_jax.sharding import make_mesh, param_shardings, shardings_like
+from tokcomp_jax.sharding import activation_sharding, make_mesh, param_shardings, shardings_like
 from tokcomp_jax.testing import tiny_llama
 from tokcomp_jax.training.checkpoint import Checkpoints, abstract_like
 from tokcomp_jax.training.config import ConfigError, check_config, names
@@ -42,8 +42,17 @@ from tokcomp_jax.training.tasks import make_task
 
 CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR = "config.json", "metrics.jsonl", "checkpoints"
 # Fields a resumed run may change: they don't change what is computed (a checkpoint restores onto
-# any mesh).
-RESUMABLE_FIELDS = ("log_every", "checkpoint.", "mesh.")
+# any mesh; remat trades memory for time).
+RESUMABLE_FIELDS = ("log_every", "checkpoint.", "mesh.", "remat")
+
+
+def host_device() -> jax.Device | None:
+    """This process's first CPU device, whose arrays are in host memory; None where JAX runs no CPU
+    backend (`JAX_PLATFORMS` without "cpu")."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return None
 
 
 def load_model(config: ml_collections.ConfigDict):
@@ -85,6 +94,11 @@ class Trainer:
     optimizer state, sharded by `tokcomp_jax.sharding`'s rules; the frozen model parameters are
     `self.frozen`, and `self.loss_fn(trained, frozen, batch)` is the task's loss. Batches are global
     arrays assembled from each process's rows.
+
+    The model is loaded and the task initialised in host memory, and the initial trained parameters
+    stay there (numpy) until `init_state` places each device's shards: no device holds the whole
+    model. The loss's model keeps its hidden states sharded by rows (`activation_sharding`) and,
+    with `config.remat`, rematerialises each decoder layer.
     """
 
     def __init__(self, config: ml_collections.ConfigDict):
@@ -99,22 +113,25 @@ class Trainer:
             raise ConfigError(f"config.batch_size / config.grad_accum_steps = {rows} rows per micro-batch must divide "
                               f"by the mesh's data * fsdp = {replicas} devices, and config.batch_size by the "
                               f"{jax.process_count()} processes.")
-        model, self.tokenizer = load_model(config)
-        self.data = self.task.data(config, self.tokenizer, "train")
         dtype = jnp.dtype(config.compute_dtype)
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(model.config, dtype=dtype, rngs=nnx.Rngs(0))))
-
-        task_params, task_graphdef = self.task.init(config, model, self.tokenizer), None
-        if isinstance(task_params, nnx.Module):
-            task_graphdef, task_state = nnx.split(task_params, nnx.Param)
-            task_params = nnx.to_pure_dict(task_state)
-        model_params, frozen = split_parameters(
-            config, cast_floats(nnx.to_pure_dict(nnx.state(model)), jnp.float32), dtype)
-        self._initial = {"model": model_params, "task": cast_floats(task_params, jnp.float32)}
+        with jax.default_device(host_device()):
+            model, self.tokenizer = load_model(config)
+            task_params, task_graphdef = self.task.init(config, model, self.tokenizer), None
+            if isinstance(task_params, nnx.Module):
+                task_graphdef, task_state = nnx.split(task_params, nnx.Param)
+                task_params = nnx.to_pure_dict(task_state)
+            model_params, frozen = split_parameters(
+                config, jax.device_get(cast_floats(nnx.to_pure_dict(nnx.state(model)), jnp.float32)), dtype)
+            self._initial = jax.device_get({"model": model_params, "task": cast_floats(task_params, jnp.float32)})
+        self.data = self.task.data(config, self.tokenizer, "train")
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(
+            model.config, dtype=dtype, rngs=nnx.Rngs(0), activation_sharding=activation_sharding(self.mesh),
+            remat=config.remat)))
 
         self._tx, self.schedule = make_optimizer(config.optim, config.steps, self.task.no_decay)
-        self.trained_shardings = param_shardings(self._initial, self.mesh, extra_axes=self.task.extra_axes)
-        self.opt_shardings = shardings_like(jax.eval_shape(self._tx.init, self._initial), self.trained_shardings)
+        self._abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._initial)
+        self.trained_shardings = param_shardings(self._abstract, self.mesh, extra_axes=self.task.extra_axes)
+        self.opt_shardings = shardings_like(jax.eval_shape(self._tx.init, self._abstract), self.trained_shardings)
         frozen_shardings = param_shardings(frozen, self.mesh)
         self.frozen = jax.device_put(frozen, frozen_shardings)
         local = self.data.batch(0, jax.process_index(), jax.process_count())
@@ -129,15 +146,27 @@ class Trainer:
             donate_argnums=(0, 1))
 
     def init_state(self) -> dict:
-        """The state before the first update, on the mesh."""
-        # Copies first: the step donates the state, and device_put may alias its source.
-        trained = jax.device_put(jax.tree.map(jnp.copy, self._initial), self.trained_shardings)
+        """The state before the first update, on the mesh; once per trainer, as it frees the host's
+        copy of the initial parameters."""
+        if self._initial is None:
+            raise RuntimeError("Trainer.init_state makes the first state once and then frees the initial parameters; "
+                               "build a new Trainer for another.")
+        # may_alias=False: the step donates the state, which must not share memory with the host copy.
+        trained = jax.device_put(self._initial, self.trained_shardings, may_alias=False)
+        self._initial = None
         return {"trained": trained, "opt_state": jax.jit(self._tx.init, out_shardings=self.opt_shardings)(trained)}
 
     def abstract_state(self) -> dict:
         """The state's shapes, dtypes and shardings: the target a checkpoint restores into."""
-        return {"trained": abstract_like(self._initial, self.trained_shardings),
-                "opt_state": abstract_like(jax.eval_shape(self._tx.init, self._initial), self.opt_shardings)}
+        return {"trained": abstract_like(self._abstract, self.trained_shardings),
+                "opt_state": abstract_like(jax.eval_shape(self._tx.init, self._abstract), self.opt_shardings)}
+
+    def lower_step(self) -> jax.stages.Lowered:
+        """The train step lowered for this run's shapes and shardings, without running it:
+        `.compile().memory_analysis()` gives XLA's bytes per device (on CPU, compile with
+        `tokcomp_jax.testing.KEEP_REMAT_ON_CPU` to see what `config.remat` saves)."""
+        state = self.abstract_state()
+        return self._step.lower(state["trained"], state["opt_state"], self.frozen, self.batch(0))
 
     def batch(self, step: int) -> dict[str, jax.Array]:
         """Global batch `step` (0-based: update `step + 1` reads it), from this process's rows."""
@@ -206,10 +235,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     if start:
         check_same_run(config, workdir)
     lead = jax.process_index() == 0
-    if lead:
+    if lead:  # atomically: other processes may be reading it in check_same_run
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        path = os.path.join(workdir, CONFIG_FILE)
+        with open(f"{path}.tmp", "w") as f:
             f.write(config.to_json(indent=2))
+        os.replace(f"{path}.tmp", path)
     state = checkpoints.restore(start, trainer.abstract_state()) if start else trainer.init_state()
     log = MetricsLog(os.path.join(workdir, METRICS_FILE), start) if lead else None
     throughput = _Throughput(start)
