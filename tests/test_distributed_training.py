@@ -1,0 +1,107 @@
+"""A 2-process `jax.distributed` run on localhost (2 fake CPU devices each, subprocesses:
+tests/distributed_worker.py) trains like one process: the same losses, each process reads only its
+own rows of each batch, and the checkpoint the processes write together restores."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from tokcomp_jax.training import ByteTokenizer, Checkpoints, Trainer, lm_windows, read_metrics, train
+from training_worker import tiny_config
+
+ROOT = Path(__file__).parents[1]
+WORKER = str(Path(__file__).with_name("distributed_worker.py"))
+PROCESSES, DEVICES_PER_PROCESS = 2, 2
+RUN = {"steps": 20, "checkpoint.every": 100}  # one save, at the end
+TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def worker_env() -> dict[str, str]:
+    # Without LLVM's optimisations, which only slow the compilation down here; cross-process
+    # collectives of CPU devices go over Gloo (TCP), JAX's default.
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "KUBERNETES_"))}
+    env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(DEVICES_PER_PROCESS),
+               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    return env
+
+
+def wait_for(workers: list[subprocess.Popen], logs: list[Path], deadline: float) -> None:
+    """Waits until every worker has exited 0; fails as soon as one fails or the deadline passes (the
+    caller kills those left: one process waits for the others in each collective)."""
+    def tails() -> str:
+        return "\n".join(f"--- worker {i} (exit {w.poll()}):\n{log.read_text()[-2000:]}"
+                         for i, (w, log) in enumerate(zip(workers, logs)))
+
+    while any(w.poll() is None for w in workers):
+        assert all(w.poll() in (None, 0) for w in workers), f"a worker failed:\n{tails()}"
+        assert time.monotonic() < deadline, f"the workers ran past {TIMEOUT_S} s:\n{tails()}"
+        time.sleep(0.1)
+    assert all(w.returncode == 0 for w in workers), f"a worker failed:\n{tails()}"
+
+
+def test_two_processes_train_like_one_device_and_write_one_checkpoint(tmp_path):
+    workdir, port = tmp_path / "run", free_port()
+    logs = [tmp_path / f"worker{i}.log" for i in range(PROCESSES)]
+    results = [tmp_path / f"worker{i}.json" for i in range(PROCESSES)]
+    workers = []
+    try:
+        for i in range(PROCESSES):
+            with open(logs[i], "w") as log:
+                workers.append(subprocess.Popen(
+                    [sys.executable, WORKER, f"localhost:{port}", str(PROCESSES), str(i), str(workdir),
+                     json.dumps(RUN), str(results[i])],
+                    cwd=ROOT, env=worker_env(), stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + TIMEOUT_S
+        # Meanwhile, the same run on this process's device (one in a plain pytest run).
+        config = tiny_config(RUN)
+        state = train(config, str(tmp_path / "one"))
+        wait_for(workers, logs, deadline)
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+            worker.wait()
+    reports = [json.loads(path.read_text()) for path in results]
+
+    rows = config.batch_size // PROCESSES
+    for i, report in enumerate(reports):
+        assert (report["process_index"], report["process_count"]) == (i, PROCESSES)
+        assert (report["local_device_count"], report["device_count"]) == (DEVICES_PER_PROCESS,
+                                                                           PROCESSES * DEVICES_PER_PROCESS)
+        # Each process read only its own rows of every batch, and its devices hold exactly those rows.
+        assert {(read["process_index"], read["process_count"], read["rows"]) for read in report["reads"]} == {
+            (i, PROCESSES, rows)}
+        assert {read["step"] for read in report["reads"]} == set(range(config.steps))
+        assert report["global_rows_held"] == list(range(i * rows, (i + 1) * rows))
+        assert report["held_rows_are_local_rows"]
+        # The checkpoint at the last step restores, on the same processes, to the trained state.
+        assert report["latest_checkpoint"] == config.steps and report["restored_difference"] == 0
+    first_batch = lm_windows(config, ByteTokenizer(), "train").batch(0)["ids"]
+    np.testing.assert_array_equal(np.concatenate([report["first_rows"] for report in reports]), first_batch)
+
+    # Process 0 alone wrote the metrics (each step once) and the config.
+    records = read_metrics(str(workdir / "metrics.jsonl"))
+    assert [record["step"] for record in records] == list(range(1, config.steps + 1))
+    expected = [record["loss"] for record in read_metrics(str(tmp_path / "one" / "metrics.jsonl"))]
+    np.testing.assert_allclose([record["loss"] for record in records], expected, rtol=1e-4)
+    assert json.loads((workdir / "config.json").read_text())["steps"] == config.steps
+    # One checkpoint, written by both processes, that restores here too, onto this process's mesh.
+    assert os.listdir(workdir / "checkpoints") == [str(config.steps)]
+    checkpoints = Checkpoints(str(workdir / "checkpoints"), max_to_keep=1)
+    restored = checkpoints.restore(config.steps, Trainer(config).abstract_state())
+    checkpoints.close()
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), jax.device_get(restored),
+                 jax.device_get(state))
