@@ -26,7 +26,7 @@ from training_worker import tiny_config
 
 ROOT = Path(__file__).parents[1]
 WORKER = str(Path(__file__).with_name("training_worker.py"))
-RUN = {"steps": 12, "checkpoint.every": 3, "checkpoint.max_to_keep": 2}
+RUN = {"steps": 20, "checkpoint.every": 3, "checkpoint.max_to_keep": 2}
 
 
 def losses(workdir: Path) -> list[float]:
@@ -39,7 +39,7 @@ def steps(workdir: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def run_a(tmp_path_factory) -> Path:
-    """12 uninterrupted steps of configs/train_tiny.py, checkpointed every 3."""
+    """20 uninterrupted steps of configs/train_tiny.py, checkpointed every 3."""
     workdir = tmp_path_factory.mktemp("run_a")
     train(tiny_config(RUN), str(workdir))
     return workdir
@@ -47,13 +47,13 @@ def run_a(tmp_path_factory) -> Path:
 
 def test_tiny_run_learns_logs_each_step_and_keeps_max_to_keep_checkpoints(run_a):
     records = read_metrics(str(run_a / "metrics.jsonl"))
-    assert [record["step"] for record in records] == list(range(1, 13))
+    assert [record["step"] for record in records] == list(range(1, 21))
     assert {"loss", "grad_norm", "lr", "tokens_per_s", "accuracy"} <= set(records[0])
     assert records[-1]["loss"] < records[0]["loss"] - 1.0
     lrs = [record["lr"] for record in records]  # 3 warmup updates to 3e-3, cosine decay to 3e-4
     assert lrs[:3] == pytest.approx([1e-3, 2e-3, 3e-3]) and lrs[-1] == pytest.approx(3e-4)
-    assert sorted(os.listdir(run_a / "checkpoints")) == ["12", "9"]
-    assert json.loads((run_a / "config.json").read_text())["steps"] == 12
+    assert sorted(os.listdir(run_a / "checkpoints")) == ["18", "20"]
+    assert json.loads((run_a / "config.json").read_text())["steps"] == 20
 
 
 def test_killed_run_resumes_exactly_where_it_stopped(run_a, tmp_path):
@@ -81,12 +81,12 @@ def test_killed_run_resumes_exactly_where_it_stopped(run_a, tmp_path):
 
     resumed = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert steps(workdir) == list(range(1, 13))
-    assert losses(workdir) == losses(run_a)  # bit for bit, steps 7 to 12 included
-    assert sorted(os.listdir(checkpoints)) == ["12", "9"]
+    assert steps(workdir) == list(range(1, 21))
+    assert losses(workdir) == losses(run_a)  # bit for bit, steps 7 to 20 included
+    assert sorted(os.listdir(checkpoints)) == ["18", "20"]
 
     trainer = Trainer(tiny_config(RUN))
-    restored = [Checkpoints(str(path / "checkpoints"), max_to_keep=2).restore(12, trainer.abstract_state())
+    restored = [Checkpoints(str(path / "checkpoints"), max_to_keep=2).restore(20, trainer.abstract_state())
                 for path in (workdir, run_a)]
     jax.tree.map(np.testing.assert_array_equal, *restored)
 
@@ -234,4 +234,4 @@ def test_a_run_resumes_only_with_a_config_that_computes_the_same(tmp_path):
     (tmp_path / "config.json").write_text(tiny_config(RUN).to_json())
     check_same_run(tiny_config({**RUN, "mesh.data": 1, "checkpoint.every": 5, "log_every": 2}), str(tmp_path))
     with pytest.raises(ConfigError, match=r"differs in optim\.lr, steps;"):
-        check_same_run(tiny_config({**RUN, "steps": 20, "optim.lr": 1e-3}), str(tmp_path))
+        check_same_run(tiny_config({**RUN, "steps": 30, "optim.lr": 1e-3}), str(tmp_path))

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokcomp_jax.cache import KVCache
 from tokcomp_jax.generation import DEFAULT_CHUNK_SIZE, pad_batch, prefill
 from tokcomp_jax.presses.base import Press
 from tokcomp_jax.presses.online import chunkwise
@@ -27,7 +28,7 @@ class Perplexity:
 
 
 @jax.jit
-def _token_nll(logits, ids):
+def token_nll(logits, ids):
     """`[B, S-1]` negative log-likelihoods of ids[:, 1:] under logits[:, :-1], in float32."""
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
@@ -52,5 +53,21 @@ def perplexity(model, ids, *, press: Press | None = None, chunk_size: int = DEFA
         raise ValueError("perplexity needs rows of at least 2 tokens (the first token is only context).")
     logits, cache = prefill(model, ids, lengths=lengths, press=None if press is None else chunkwise(press),
                             chunk_size=chunk_size, all_logits=True)
-    nll = np.asarray(_token_nll(logits, jnp.asarray(ids)))
+    nll = np.asarray(token_nll(logits, jnp.asarray(ids)))
     return Perplexity([row[:n - 1] for row, n in zip(nll, lengths)], cache.entry_nbytes())
+
+
+def continuation_nll(model, continuation, cache: KVCache | None = None) -> np.ndarray:
+    """`[B, m - 1]` negative log-likelihoods of continuation tokens 2..m, each given `cache` (a
+    context in whatever form: full, pressed, learned tokens; none: no context) and the continuation
+    tokens before it. `cache` needs m free slots.
+
+    >>> import tokcomp_jax as tc
+    >>> model = tc.testing.tiny_llama()
+    >>> _, cache = tc.prefill(model, [[5, 6, 7, 8]], capacity=7)
+    >>> continuation_nll(model, np.array([[9, 10, 11]]), cache).shape
+    (1, 2)
+    """
+    continuation = np.asarray(continuation)
+    logits, _ = prefill(model, continuation, cache=cache, all_logits=True)
+    return np.asarray(token_nll(logits, jnp.asarray(continuation)))

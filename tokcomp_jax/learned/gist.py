@@ -21,24 +21,29 @@ from tokcomp_jax.models.llama import Llama
 from tokcomp_jax.presses.base import Press, keep_top, no_state
 
 
+def new_token_embeddings(model: Llama, count: int, key: jax.Array, noise: float = 0.02) -> Float[Array, "count E"]:
+    """`count` float32 embeddings of new tokens of the vocabulary: the mean of the model's token
+    embeddings plus Gaussian noise of `noise` times their standard deviation (distinct tokens)."""
+    table = model.embed_tokens.embedding[...].astype(jnp.float32)
+    std = noise * jnp.std(table)
+    return jnp.mean(table, axis=0) + std * jax.random.normal(key, (count, table.shape[1]))
+
+
 class GistTokens(nnx.Module):
-    """`num_tokens` learned input embeddings, initialised at the mean of the model's token
-    embeddings plus small noise (distinct gists), as new tokens of the vocabulary would be."""
+    """`num_tokens` learned input embeddings, initialised as new tokens of the vocabulary
+    (`new_token_embeddings`)."""
 
     def __init__(self, model: Llama, num_tokens: int, *, rngs: nnx.Rngs, noise: float = 0.02):
         if num_tokens < 1:
             raise ValueError(f"num_tokens (gist tokens) must be at least 1, got {num_tokens}.")
-        table = model.embed_tokens.embedding[...].astype(jnp.float32)
-        std = noise * jnp.std(table)
-        init = jnp.mean(table, axis=0) + std * jax.random.normal(rngs.params(), (num_tokens, table.shape[1]))
-        self.embeddings = nnx.Param(init)
+        self.embeddings = nnx.Param(new_token_embeddings(model, num_tokens, rngs.params(), noise))
 
     @property
     def num_tokens(self) -> int:
         return self.embeddings.shape[0]
 
 
-def _check_ids(name: str, ids) -> jax.Array:
+def check_token_ids(name: str, ids) -> jax.Array:
     ids = jnp.asarray(ids)
     if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer) or ids.shape[1] < 1:
         raise ValueError(f"{name} must be integer token ids shaped [B, n] with n >= 1, got shape {ids.shape} "
@@ -48,12 +53,12 @@ def _check_ids(name: str, ids) -> jax.Array:
 
 def _with_gists(model: Llama, gists: GistTokens, context_ids, continuation_ids=None):
     """Token ids (0 at the gists), input embeddings and the gist flags of [context, gists, continuation]."""
-    context_ids = _check_ids("context_ids", context_ids)
+    context_ids = check_token_ids("context_ids", context_ids)
     batch, n = context_ids.shape
     k = gists.num_tokens
     parts = [context_ids, jnp.zeros((batch, k), jnp.int32)]
     if continuation_ids is not None:
-        continuation_ids = _check_ids("continuation_ids", continuation_ids)
+        continuation_ids = check_token_ids("continuation_ids", continuation_ids)
         if continuation_ids.shape[0] != batch:
             raise ValueError(f"continuation_ids has {continuation_ids.shape[0]} rows but context_ids has {batch}.")
         parts.append(continuation_ids)
@@ -77,14 +82,22 @@ def gist_logits(model: Llama, gists: GistTokens, context_ids: Int[Array, "B n"],
     return logits
 
 
+def continuation_loss(logits: Float[Array, "B S V"], continuation_ids: Int[Array, "B m"]
+                      ) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """Mean cross-entropy and accuracy of the last m tokens, `continuation_ids`, from the logits of
+    the sequence that ends with them (position S - m - 1 predicts the first)."""
+    m = continuation_ids.shape[1]
+    predicting = logits[:, -m - 1:-1].astype(jnp.float32)
+    logp = jax.nn.log_softmax(predicting, axis=-1)
+    targets = jnp.asarray(continuation_ids)
+    nll = -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+    return nll, jnp.mean(jnp.argmax(predicting, axis=-1) == targets)
+
+
 def gist_loss(model: Llama, gists: GistTokens, context_ids: Int[Array, "B n"],
               continuation_ids: Int[Array, "B m"]) -> Float[Array, ""]:
     """Mean next-token cross-entropy of the continuation, which sees the context only through the gists."""
-    logits = gist_logits(model, gists, context_ids, continuation_ids)
-    m = continuation_ids.shape[1]
-    predicting = logits[:, -m - 1:-1]  # the last gist predicts the first continuation token
-    logp = jax.nn.log_softmax(predicting.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(continuation_ids)[..., None], axis=-1))
+    return continuation_loss(gist_logits(model, gists, context_ids, continuation_ids), continuation_ids)[0]
 
 
 def gist_press(gists: GistTokens) -> Press:
@@ -117,7 +130,7 @@ def compress_to_gists(model: Llama, gists: GistTokens, context_ids: Int[Array, "
     context, which is plain causal attention), with `room` free slots for what follows."""
     if room < 0:
         raise ValueError(f"room (free slots after the gists) must be >= 0, got {room}.")
-    context_ids = _check_ids("context_ids", context_ids)
+    context_ids = check_token_ids("context_ids", context_ids)
     _, cache = prefill(model, np.asarray(context_ids), press=gist_press(gists),
                        capacity=context_ids.shape[1] + room)
     return cache

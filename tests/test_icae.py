@@ -1,0 +1,177 @@
+"""ICAE (Ge et al., 2024): the memory slots are the LoRA encoder's final hidden states and carry the
+context; the decoder's cache of the slots continues like the training forward; the task trains the
+adapters and the learned tokens with the decoder frozen."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import tokcomp_jax as tc
+from tokcomp_jax.learned.icae import (ICAE, compress_to_memory, icae_logits, icae_loss, lora_encoder,
+                                      memory_slots)
+from tokcomp_jax.training import ConfigError, Trainer, check_config, init_lora
+from training_worker import tiny_config
+
+M = 3  # memory slots
+logits_of, slots_of = nnx.jit(icae_logits), nnx.jit(memory_slots)
+loss_of = nnx.jit(icae_loss, static_argnames="ae_weight")
+
+
+@pytest.fixture(scope="module")
+def parts():
+    """The decoder, the ICAE tokens, LoRA adapters at init (B = 0) and trained-looking ones (B != 0)."""
+    model = tc.testing.tiny_llama(seed=1)
+    icae = ICAE(model, M, rngs=nnx.Rngs(0))
+    initial = init_lora(nnx.to_pure_dict(nnx.state(model)), ("q_proj", "v_proj"), 2, jax.random.key(0))
+    trained = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(1), x.shape), initial)
+    return model, icae, initial, trained
+
+
+def test_the_memory_cache_continues_like_the_training_forward(parts):
+    model, icae, _, adapters = parts
+    encoder = lora_encoder(model, adapters, scale=2.0)
+    rng = np.random.default_rng(0)
+    context, continuation = rng.integers(1, 64, (2, 9)), rng.integers(1, 64, (2, 5))
+    training = logits_of(encoder, model, icae, context, continuation)
+    assert training.shape == (2, M + 5, 64)
+    cache = compress_to_memory(encoder, model, icae, context, room=6)
+    assert cache.lengths.tolist() == [[[M, M]] * 2] * 2 and cache.num_seen.tolist() == [M, M]
+    assert cache.capacities == (M + 6, M + 6) and cache.positions[0][0, 0, :M].tolist() == [0, 1, 2]
+    inference, _ = tc.prefill(model, continuation, cache=cache, all_logits=True)
+    np.testing.assert_allclose(inference, training[:, M:], atol=1e-5)
+    generated = tc.generate_ids(model, continuation, max_new_tokens=1, cache=cache)
+    assert [tokens[0] for tokens in generated.tokens] == np.argmax(training[:, -1], axis=-1).tolist()
+
+
+@nnx.jit
+def _hidden_and_logits(model, ids):
+    cache, valid = model.init_cache(*ids.shape), jnp.ones(ids.shape, bool)
+    return model(ids, cache, valid, return_hidden=True)[0], model(ids, cache, valid)[0]
+
+
+def test_the_slots_are_the_encoders_final_normed_hidden_states_of_the_context(parts):
+    model, icae, _, adapters = parts
+    ids = jnp.arange(1, 8)[None]
+    hidden, logits = _hidden_and_logits(model, ids)
+    assert hidden.shape == (1, 7, 32)
+    np.testing.assert_allclose(model.lm_head(hidden), logits, atol=1e-5)  # after the final RMSNorm
+
+    encoder = lora_encoder(model, adapters, scale=2.0)
+    slots = slots_of(encoder, icae, ids)
+    assert slots.shape == (1, M, 32)
+    np.testing.assert_allclose(jnp.sqrt(jnp.mean(slots ** 2, axis=-1)), 1.0, rtol=1e-3)  # norm weight 1: unit RMS
+    changed = slots_of(encoder, icae, ids.at[0, 2].set(40))
+    assert all(not np.allclose(changed[0, s], slots[0, s], atol=1e-4) for s in range(M))
+
+
+@nnx.jit
+def _direct_losses(model, icae, context, continuation):
+    """The objectives written out: the encoder (B = 0: the model) over [context, memory tokens], then
+    the decoder over [slots, [AE], context] and over [slots, continuation] only."""
+    n, m = context.shape[1], M
+    embeds = jnp.concatenate([model.embed_tokens(context), icae.memory_embeddings[...][None]], axis=1)
+    hidden, _, _ = model(jnp.zeros((1, n + m), jnp.int32), model.init_cache(1, n + m), jnp.ones((1, n + m), bool),
+                         inputs_embeds=embeds, return_hidden=True)
+    slots = hidden[:, n:]
+
+    def cross_entropy(tail, targets, first):
+        steps = m + tail.shape[1]
+        inputs = jnp.concatenate([slots, tail], axis=1)
+        logits, _, _ = model(jnp.zeros((1, steps), jnp.int32), model.init_cache(1, steps), jnp.ones((1, steps), bool),
+                             inputs_embeds=inputs)
+        predicting = logits[:, first:first + targets.shape[1]]
+        return optax.softmax_cross_entropy_with_integer_labels(predicting, targets).mean()
+
+    ae_tail = jnp.concatenate([icae.ae_embedding[...][None, None], model.embed_tokens(context)], axis=1)
+    return cross_entropy(ae_tail, context, m), cross_entropy(model.embed_tokens(continuation), continuation, m - 1)
+
+
+def test_the_decoder_sees_the_context_only_through_the_slots(parts):
+    model, icae, initial, _ = parts
+    encoder = lora_encoder(model, initial, scale=2.0)  # B = 0: the encoder is the model
+    context, continuation = jnp.arange(1, 10)[None], jnp.arange(20, 25)[None]
+    losses = []
+    for ctx in (context, context.at[0, 4].set(50)):
+        loss, metrics = loss_of(encoder, model, icae, ctx, continuation, ae_weight=0.25)
+        ae, lm = _direct_losses(model, icae, ctx, continuation)
+        np.testing.assert_allclose([metrics["ae_loss"], metrics["lm_loss"]], [ae, lm], rtol=1e-5)
+        np.testing.assert_allclose(loss, 0.25 * ae + 0.75 * lm, rtol=1e-5)
+        assert {"ae_accuracy", "lm_accuracy"} <= set(metrics)
+        losses.append(metrics["lm_loss"])
+    assert abs(losses[0] - losses[1]) > 1e-5  # a context token reaches the continuation, through the slots
+
+
+def _config(**icae):
+    config = tiny_config({"task": "icae", "trainable": "none", "data.window": 24, "batch_size": 4, "steps": 5,
+                          "optim.lr": 3e-2, "optim.warmup_steps": 1, "optim.weight_decay": 0.0, "lora.rank": 4})
+    config.icae = ml_collections.ConfigDict({"num_slots": 4, "context_tokens": 16, "ae_weight": 0.5, **icae})
+    return config
+
+
+def test_the_task_trains_the_adapters_and_tokens_with_the_decoder_frozen():
+    trainer = Trainer(_config())
+    state = trainer.init_state()
+    frozen = jax.device_get(trainer.frozen)
+    history, losses, batch = [jax.device_get(state["trained"])], [], trainer.batch(0)
+    for _ in range(5):  # on one batch: the tiny decoder is random, so that only fitting it shows in 5 steps
+        state, metrics = trainer.step(state, batch)
+        history.append(jax.device_get(state["trained"]))
+        losses.append(float(metrics["loss"]))
+    assert {"ae_loss", "lm_loss", "ae_accuracy", "lm_accuracy"} <= set(metrics)
+    assert losses[-1] < losses[0] - 0.25
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(trainer.frozen), frozen)
+    jax.tree.map(np.testing.assert_array_equal, frozen, nnx.to_pure_dict(nnx.state(tc.testing.tiny_llama(
+        seed=0, vocab_size=264))))
+    assert all(trained["model"] == {} for trained in history)
+
+    # Without weight decay, a parameter moves only with a gradient: the first update reaches the
+    # learned tokens and each adapter's B (A's gradient is zero while B is), the next ones A too.
+    before, first, last = (trained["task"] for trained in (history[0], history[1], history[-1]))
+    for name in ("memory_embeddings", "ae_embedding"):
+        assert np.all(first["icae"][name] != before["icae"][name])
+    for layer in (0, 1):
+        for proj in ("q_proj", "v_proj"):
+            start, one, end = (params["lora"]["layers"][layer]["self_attn"][proj]["lora"]
+                               for params in (before, first, last))
+            assert not np.any(start["lora_b"]) and np.all(one["lora_b"] != 0)
+            np.testing.assert_array_equal(one["lora_a"], start["lora_a"])
+            assert not np.array_equal(end["lora_a"], start["lora_a"])
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"trainable": "lora"}, "config.trainable"),
+    ({"icae": None}, "config.icae"),
+    ({"icae.num_slots": 0}, "config.icae.num_slots"),
+    ({"icae.context_tokens": 24}, "config.data.window"),
+    ({"icae.ae_weight": 1.5}, "config.icae.ae_weight"),
+    ({"lora.rank": 0}, "config.lora.rank"),
+    ({"lora.targets": ("q_proj", "qq_proj")}, "config.lora.targets"),
+])
+def test_bad_config_values_name_the_field(change, field):
+    config = _config()
+    for key, value in change.items():
+        if value is None:
+            del config[key]
+        else:
+            config.update_from_flattened_dict({key: value})
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        check_config(config)
+
+
+def test_bad_input_raises(parts):
+    model, icae, _, _ = parts
+    with pytest.raises(ValueError, match="num_slots"):
+        ICAE(model, 0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="context_ids must be integer token ids"):
+        memory_slots(model, icae, [1, 2, 3])
+    with pytest.raises(ValueError, match="context_ids must be integer token ids"):
+        compress_to_memory(model, model, icae, [[1.5, 2.5]])
+    with pytest.raises(ValueError, match="continuation_ids has 1 rows but context_ids has 2"):
+        icae_loss(model, model, icae, [[1, 2], [3, 4]], [[5, 6]])
+    with pytest.raises(ValueError, match="ae_weight"):
+        icae_loss(model, model, icae, [[1, 2]], [[5, 6]], ae_weight=2.0)
+    with pytest.raises(ValueError, match="room"):
+        compress_to_memory(model, model, icae, [[1, 2]], room=-1)

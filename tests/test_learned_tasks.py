@@ -1,0 +1,121 @@
+"""The gist task in the trainer, trained compressors as files, continuation scoring, and the
+evaluation script (tiny byte-level Llama)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+
+import tokcomp_jax as tc
+from tokcomp_jax.evaluation import continuation_nll
+from tokcomp_jax.evaluation.perplexity import token_nll
+from tokcomp_jax.learned.artifacts import export_trained, load_trained
+from tokcomp_jax.learned.gist import gist_press
+from tokcomp_jax.training import ConfigError, Trainer, read_metrics, train
+from tokcomp_jax.training.checkpoint import Checkpoints
+from training_worker import tiny_config
+
+ROOT = Path(__file__).parents[1]
+CONTEXT, GISTS = 48, 6
+
+
+def gist_config(**gist):
+    config = tiny_config({"steps": 8, "checkpoint.every": 4, "trainable": "lora", "lora.rank": 4,
+                          "optim.warmup_steps": 0})
+    config.task = "gist"
+    config.gist = ml_collections.ConfigDict({"num_tokens": GISTS, "context_tokens": CONTEXT, **gist})
+    return config
+
+
+@pytest.fixture(scope="module")
+def gist_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("gist_run")
+    train(gist_config(), str(workdir))
+    path = export_trained(str(workdir), str(workdir / "gist.safetensors"))
+    return workdir, path
+
+
+def test_gist_task_trains_the_gists_and_adapters(gist_run):
+    workdir, _ = gist_run
+    losses = [record["loss"] for record in read_metrics(str(workdir / "metrics.jsonl"))]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.2
+    trainer = Trainer(gist_config())
+    state = Checkpoints(str(workdir / "checkpoints"), max_to_keep=2).restore(8, trainer.abstract_state())
+    initial = trainer.init_state()
+    assert set(state["trained"]["task"]) == {"embeddings"}
+    assert state["trained"]["task"]["embeddings"].shape == (GISTS, trainer.frozen["embed_tokens"]["embedding"].shape[1])
+    assert not np.allclose(state["trained"]["task"]["embeddings"], initial["trained"]["task"]["embeddings"])
+    lora_b = state["trained"]["model"]["layers"][0]["self_attn"]["q_proj"]["lora"]["lora_b"]
+    assert np.abs(np.asarray(lora_b)).max() > 0  # B starts at zero
+
+
+def test_an_exported_compressor_loads_into_the_model_and_gists_that_trained(gist_run):
+    workdir, path = gist_run
+    assert Path(path).stat().st_size < 200_000  # adapters and gists only, no optimizer state
+    trainer = Trainer(gist_config())
+    state = Checkpoints(str(workdir / "checkpoints"), max_to_keep=2).restore(8, trainer.abstract_state())
+    batch = trainer.batch(0)
+    expected, _ = trainer.loss_fn(state["trained"], trainer.frozen, batch)
+
+    trained = load_trained(path)
+    assert trained.config.task == "gist" and trained.task_params.num_tokens == GISTS
+    loss, _ = tc.training.make_task(trained.config).loss(trained.model, trained.task_params, batch)
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
+
+    # The trained gists compress a prompt through tc.generate's press.
+    context = np.asarray(batch["ids"][:2, :CONTEXT])
+    _, cache = tc.prefill(trained.model, context, press=gist_press(trained.task_params), capacity=CONTEXT + 4)
+    assert cache.lengths[0].tolist() == [[GISTS] * cache.lengths[0].shape[1]] * 2
+
+
+def test_export_needs_a_finished_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        export_trained(str(tmp_path), str(tmp_path / "x.safetensors"))
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"num_tokens": 0}, "config.gist.num_tokens"),
+    ({"context_tokens": 64}, "config.data.window"),
+    ({"context_tokens": None}, "config.gist.context_tokens"),
+])
+def test_bad_gist_fields_fail_before_anything_loads(change, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        Trainer(gist_config(**change))
+
+
+def test_the_gist_task_needs_its_fields():
+    config = tiny_config({})
+    config.task = "gist"
+    with pytest.raises(ConfigError, match=r"config\.gist = ml_collections"):
+        Trainer(config)
+
+
+def test_continuation_nll_from_a_cache_equals_one_pass_over_the_window():
+    model = tc.testing.tiny_llama()
+    ids = np.random.default_rng(0).integers(0, 64, (3, 20))
+    logits, _ = tc.prefill(model, ids, all_logits=True)
+    oracle = np.asarray(token_nll(logits, ids))[:, 12:]  # continuation tokens 2..8
+    _, cache = tc.prefill(model, ids[:, :12], capacity=20)
+    np.testing.assert_allclose(continuation_nll(model, ids[:, 12:], cache), oracle, rtol=1e-5, atol=1e-6)
+    alone, _ = tc.prefill(model, ids[:, 12:], all_logits=True)
+    np.testing.assert_allclose(continuation_nll(model, ids[:, 12:]), np.asarray(token_nll(alone, ids[:, 12:])),
+                               rtol=1e-6)
+
+
+def test_eval_script_scores_every_method_on_held_out_windows(gist_run, tmp_path):
+    _, path = gist_run
+    run = subprocess.run([sys.executable, "experiments/eval_compressors.py", f"--compressors={path}",
+                          "--presses=streaming_llm,knorm", "--max_windows=5", "--batch_size=4",
+                          f"--output={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    (result,) = json.loads((tmp_path / "results.json").read_text())
+    assert result["windows"] == 5 and result["budget"] == GISTS and result["ratio"] == CONTEXT / GISTS
+    assert set(result["nll"]) == {"no context", "full context", "streaming_llm", "knorm", "no context, trained model",
+                                 "gist (trained)"}
+    assert all(np.isfinite(v) for v in result["nll"].values())
+    assert "(best press)" in (tmp_path / "results.md").read_text()

@@ -1,0 +1,120 @@
+"""Trained compressors as small files: what a training run trained (LoRA adapters, the task's own
+parameters such as gist embeddings) in one safetensors file with the run's config, and back into a
+model and the task's parameters, ready for `gist_press` and friends.
+
+  export_trained("runs/gist_k16", "compressors/gist_k16.safetensors")
+  trained = load_trained("compressors/gist_k16.safetensors")
+  tc.generate(trained.model, trained.tokenizer, prompt, press=gist_press(trained.task_params))
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from tokcomp_jax.training.checkpoint import Checkpoints
+from tokcomp_jax.training.config import base_config, check_config
+from tokcomp_jax.training.loop import CHECKPOINT_DIR, CONFIG_FILE, Trainer, load_model
+from tokcomp_jax.training.lora import merge_lora
+from tokcomp_jax.training.tasks import make_task
+
+SEPARATOR = "/"
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+    """A run's saved config, with the defaults of fields added since it ran."""
+    config = base_config()
+    config.update(json.loads(text))
+    return config
+
+
+@dataclasses.dataclass
+class TrainedCompressor:
+    """A trained run's model (its trained parameters applied, float32), tokenizer, the task's own
+    parameters (an `nnx.Module` when the task's `init` makes one, e.g. `GistTokens`) and config."""
+
+    model: Any
+    tokenizer: Any
+    task_params: Any
+    config: ml_collections.ConfigDict
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    flat = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, key + SEPARATOR))
+        else:
+            flat[key] = np.asarray(value)
+    return flat
+
+
+def _unflatten(flat: dict[str, np.ndarray]) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        *parents, name = key.split(SEPARATOR)
+        node = tree
+        for parent in parents:
+            node = node.setdefault(int(parent) if parent.isdigit() else parent, {})
+        node[int(name) if name.isdigit() else name] = value
+    return tree
+
+
+def export_trained(workdir: str, path: str, step: int | None = None) -> str:
+    """Writes the trained parameters of `workdir`'s checkpoint `step` (default: the newest) and the
+    run's config to the safetensors file `path`; returns `path`. Optimizer state is left out."""
+    config_path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{workdir} holds no {CONFIG_FILE}: pass the workdir of a training run.")
+    with open(config_path) as f:
+        config_json = f.read()
+    trainer = Trainer(config_from_json(config_json))
+    checkpoints = Checkpoints(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=1, async_save=False)
+    step = checkpoints.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{workdir} holds no finished checkpoint yet.")
+    trained = jax.device_get(checkpoints.restore(step, trainer.abstract_state())["trained"])
+    checkpoints.close()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(_flatten(trained), path, metadata={"config": config_json, "step": str(step)})
+    return path
+
+
+def load_trained(path: str) -> TrainedCompressor:
+    """The model and task parameters of a file `export_trained` wrote. The base model is loaded as
+    the run's `config.model.name` says (the same weights must be at hand)."""
+    from safetensors import safe_open
+
+    with safe_open(path, "np") as f:
+        metadata = f.metadata() or {}
+    if "config" not in metadata:
+        raise ValueError(f"{path} holds no training config: write it with export_trained.")
+    config = config_from_json(metadata["config"])
+    check_config(config)
+    trained = _unflatten(load_file(path))
+    model, tokenizer = load_model(config)
+    state = nnx.state(model)
+    base = nnx.to_pure_dict(state)
+    model_params = trained.get("model", {})
+    if config.trainable == "lora":
+        params = merge_lora(base, model_params, config.lora.alpha / config.lora.rank)
+    else:
+        params = model_params if config.trainable == "full" else base
+    nnx.replace_by_pure_dict(state, jax.tree.map(np.asarray, params))
+    nnx.update(model, state)
+    task_params = make_task(config).init(config, model, tokenizer)
+    if isinstance(task_params, nnx.Module):
+        task_state = nnx.state(task_params, nnx.Param)
+        nnx.replace_by_pure_dict(task_state, trained.get("task", {}))
+        nnx.update(task_params, task_state)
+    else:
+        task_params = trained.get("task", {})
+    return TrainedCompressor(model, tokenizer, task_params, config)

@@ -1,0 +1,98 @@
+"""The learned compressors as training tasks: `config.task = "gist"` in a `configs/train_*.py`.
+
+Rows are windows of `config.data.window` corpus tokens; the first `context_tokens` are the context
+to compress and the rest the continuation the model predicts from the compressed form alone.
+
+gist (Mu, Li & Goodman, 2023, arXiv:2304.08467): `config.gist.num_tokens` learned gist tokens after
+the context, under the gist mask; the trained parameters are the gist embeddings, and the model's
+with `config.trainable` "full" or "lora" ("none" trains the gists alone, the model frozen).
+
+icae (Ge et al., 2024, arXiv:2307.06945): a LoRA-adapted encoder turns the context into
+`config.icae.num_slots` memory slots that the frozen model decodes from (`tokcomp_jax.learned.icae`).
+"""
+from __future__ import annotations
+
+import jax
+import ml_collections
+from flax import nnx
+
+from tokcomp_jax.learned.gist import GistTokens, continuation_loss, gist_logits
+from tokcomp_jax.learned.icae import ICAE, ICAEParams, icae_loss, lora_encoder
+from tokcomp_jax.training.config import ConfigError, check_fraction, check_lora_fields, names
+from tokcomp_jax.training.lora import init_lora
+from tokcomp_jax.training.tasks import Task, register_task
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_context_fields(config: ml_collections.ConfigDict, name: str, count_field: str) -> None:
+    """Raises `ConfigError` unless `config[name]` holds a positive `count_field` and a `context_tokens`
+    that leaves at least one continuation token of `config.data.window`."""
+    fields = config.get(name)
+    if fields is None:
+        raise ConfigError(f"config.task {name!r} reads config.{name}; add config.{name} = ml_collections."
+                          f"ConfigDict({{'{count_field}': ..., 'context_tokens': ...}}) to the config.")
+    for field in (count_field, "context_tokens"):
+        if not _positive_int(fields.get(field)):
+            raise ConfigError(f"config.{name}.{field} must be an integer >= 1, got {fields.get(field)!r}.")
+    if config.data.window <= fields.context_tokens:
+        raise ConfigError(f"config.data.window ({config.data.window}) must exceed config.{name}.context_tokens "
+                          f"({fields.context_tokens}): the tokens after the context are the continuation.")
+
+
+def split_window(config: ml_collections.ConfigDict, name: str, batch):
+    """(context, continuation) ids of a batch of windows."""
+    ids, n = batch["ids"], config[name].context_tokens
+    return ids[:, :n], ids[:, n:]
+
+
+def gist_task(config: ml_collections.ConfigDict) -> Task:
+    """Gist tokens: the continuation's cross-entropy under the gist mask."""
+    check_context_fields(config, "gist", "num_tokens")
+
+    def init(config, model, tokenizer):
+        del tokenizer
+        return GistTokens(model, config.gist.num_tokens, rngs=nnx.Rngs(config.seed))
+
+    def loss(model, gists, batch):
+        context, continuation = split_window(config, "gist", batch)
+        nll, accuracy = continuation_loss(gist_logits(model, gists, context, continuation), continuation)
+        return nll, {"accuracy": accuracy}
+
+    return Task(init=init, loss=loss, extra_axes={"embeddings": (None, "embed")}, no_decay=("embeddings",))
+
+
+def icae_task(config: ml_collections.ConfigDict) -> Task:
+    """ICAE pretraining: each window's context compresses into `config.icae.num_slots` memory slots,
+    from which the frozen model (`config.trainable` "none") reconstructs it (weight
+    `config.icae.ae_weight`) and predicts the continuation. Trained: the memory and [AE] embeddings
+    and the encoder's LoRA adapters (`config.lora` rank, alpha and targets)."""
+    if config.trainable != "none":
+        raise ConfigError(f"config.trainable must be 'none' for task 'icae', got {config.trainable!r}: the decoder "
+                          f"is the frozen model, and the encoder's LoRA adapters (config.lora) are the task's own.")
+    check_context_fields(config, "icae", "num_slots")
+    ae_weight = config.icae.get("ae_weight")
+    check_fraction(ae_weight, "icae.ae_weight")
+    check_lora_fields(config)
+    scale = config.lora.alpha / config.lora.rank
+
+    def init(config, model, tokenizer):
+        del tokenizer
+        tokens_key, lora_key = jax.random.split(jax.random.key(config.seed))
+        adapters = init_lora(nnx.to_pure_dict(nnx.state(model)), names(config.lora.targets), config.lora.rank,
+                             lora_key)
+        return ICAEParams(ICAE(model, config.icae.num_slots, rngs=nnx.Rngs(params=tokens_key)), adapters)
+
+    def loss(model, params, batch):
+        context, continuation = split_window(config, "icae", batch)
+        return icae_loss(lora_encoder(model, params.adapters, scale), model, params.icae, context, continuation,
+                         ae_weight=ae_weight)
+
+    return Task(init=init, loss=loss, extra_axes={"memory_embeddings": (None, "embed"), "ae_embedding": ("embed",)},
+                no_decay=("memory_embeddings", "ae_embedding"))
+
+
+register_task("gist", gist_task)
+register_task("icae", icae_task)
