@@ -119,3 +119,18 @@ def test_eval_script_scores_every_method_on_held_out_windows(gist_run, tmp_path)
                                  "gist (trained)"}
     assert all(np.isfinite(v) for v in result["nll"].values())
     assert "(best press)" in (tmp_path / "results.md").read_text()
+
+
+def test_a_trained_icae_exports_and_compresses_as_it_trained(tmp_path):
+    config = tiny_config({"task": "icae", "trainable": "none", "steps": 2, "checkpoint.every": 2, "lora.rank": 4,
+                          "optim.warmup_steps": 0})
+    config.icae = ml_collections.ConfigDict({"num_slots": 4, "context_tokens": CONTEXT, "ae_weight": 0.5})
+    train(config, str(tmp_path / "run"))
+    trained = load_trained(export_trained(str(tmp_path / "run"), str(tmp_path / "icae.safetensors")))
+    trainer = Trainer(config)
+    state = Checkpoints(str(tmp_path / "run" / "checkpoints"), max_to_keep=2).restore(2, trainer.abstract_state())
+    batch = trainer.batch(0)
+    expected, _ = trainer.loss_fn(state["trained"], trainer.frozen, batch)
+    loss, _ = tc.training.make_task(trained.config).loss(trained.model, trained.task_params, batch)
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
+    assert np.any(np.asarray(trained.task_params.adapters["layers"][0]["self_attn"]["q_proj"]["lora"]["lora_b"]))
