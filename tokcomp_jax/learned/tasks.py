@@ -18,13 +18,9 @@ from flax import nnx
 
 from tokcomp_jax.learned.gist import GistTokens, continuation_loss, gist_logits
 from tokcomp_jax.learned.icae import ICAE, ICAEParams, icae_loss, lora_encoder
-from tokcomp_jax.training.config import ConfigError, check_fraction, check_lora_fields, names
+from tokcomp_jax.training.config import ConfigError, check_count, check_fraction, check_lora_fields, names
 from tokcomp_jax.training.lora import init_lora
 from tokcomp_jax.training.tasks import Task, register_task
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def check_context_fields(config: ml_collections.ConfigDict, name: str, count_field: str) -> None:
@@ -35,8 +31,7 @@ def check_context_fields(config: ml_collections.ConfigDict, name: str, count_fie
         raise ConfigError(f"config.task {name!r} reads config.{name}; add config.{name} = ml_collections."
                           f"ConfigDict({{'{count_field}': ..., 'context_tokens': ...}}) to the config.")
     for field in (count_field, "context_tokens"):
-        if not _positive_int(fields.get(field)):
-            raise ConfigError(f"config.{name}.{field} must be an integer >= 1, got {fields.get(field)!r}.")
+        check_count(fields.get(field), f"{name}.{field}")
     if config.data.window <= fields.context_tokens:
         raise ConfigError(f"config.data.window ({config.data.window}) must exceed config.{name}.context_tokens "
                           f"({fields.context_tokens}): the tokens after the context are the continuation.")

@@ -93,11 +93,16 @@ def _require(ok: bool, field: str, value, must: str) -> None:
 def check_lora_fields(config: ml_collections.ConfigDict) -> None:
     """Raises `ConfigError` for a `config.lora` rank, alpha or targets that cannot work."""
     lora = config.lora
-    _require(_is_int(lora.rank) and lora.rank >= 1, "lora.rank", lora.rank, "an integer >= 1")
+    check_count(lora.rank, "lora.rank")
     _require(_is_number(lora.alpha) and lora.alpha > 0, "lora.alpha", lora.alpha, "a number > 0")
     targets = names(lora.targets)
     _require(bool(targets) and set(targets) <= set(LINEAR_AXES), "lora.targets", lora.targets,
              f"projection names among {', '.join(LINEAR_AXES)}")
+
+
+def check_count(value, field: str) -> None:
+    """Raises `ConfigError` unless `config.<field>` is an integer >= 1."""
+    _require(_is_int(value) and value >= 1, field, value, "an integer >= 1")
 
 
 def check_fraction(value, field: str) -> None:
@@ -115,7 +120,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _require(_is_int(config.seed) and config.seed >= 0, "seed", config.seed, "an integer >= 0")
     _require(isinstance(config.remat, bool), "remat", config.remat, "True or False")
     for field in ("steps", "batch_size", "grad_accum_steps", "log_every"):
-        _require(_is_int(config[field]) and config[field] >= 1, field, config[field], "an integer >= 1")
+        check_count(config[field], field)
     if config.batch_size % config.grad_accum_steps:
         raise ConfigError(f"config.batch_size ({config.batch_size}) must divide by config.grad_accum_steps "
                           f"({config.grad_accum_steps}): every micro-batch has batch_size / grad_accum_steps rows.")
@@ -156,5 +161,5 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                  "a number of devices >= 1, or -1 for the devices the other axes leave")
     for field in ("every", "max_to_keep"):
         value = config.checkpoint[field]
-        _require(_is_int(value) and value >= 1, f"checkpoint.{field}", value, "an integer >= 1")
+        check_count(value, f"checkpoint.{field}")
     make_task(config)  # unknown task names, and the task's own fields
