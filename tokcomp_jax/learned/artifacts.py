@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 from tokcomp_jax.training.checkpoint import Checkpoints
 from tokcomp_jax.training.config import base_config, check_config
-from tokcomp_jax.training.loop import CHECKPOINT_DIR, CONFIG_FILE, Trainer, load_model
+from tokcomp_jax.training.loop import CHECKPOINT_DIR, CONFIG_FILE, Trainer, flatten_dict, load_model
 from tokcomp_jax.training.lora import merge_lora
 from tokcomp_jax.training.tasks import make_task
 
@@ -44,17 +44,6 @@ class TrainedCompressor:
     tokenizer: Any
     task_params: Any
     config: ml_collections.ConfigDict
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    flat = {}
-    for name, value in tree.items():
-        key = f"{prefix}{name}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, key + SEPARATOR))
-        else:
-            flat[key] = np.asarray(value)
-    return flat
 
 
 def _unflatten(flat: dict[str, np.ndarray]) -> dict:
@@ -84,7 +73,8 @@ def export_trained(workdir: str, path: str, step: int | None = None) -> str:
     trained = jax.device_get(checkpoints.restore(step, trainer.abstract_state())["trained"])
     checkpoints.close()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(_flatten(trained), path, metadata={"config": config_json, "step": str(step)})
+    arrays = {key: np.asarray(value) for key, value in flatten_dict(trained, SEPARATOR).items()}
+    save_file(arrays, path, metadata={"config": config_json, "step": str(step)})
     return path
 
 

@@ -178,12 +178,12 @@ class Trainer:
         return {"trained": trained, "opt_state": opt_state}, metrics
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    """`{"a": {"b": 1}}` as `{"a.b": 1}`."""
+def flatten_dict(tree: dict, separator: str = ".", prefix: str = "") -> dict:
+    """`{"a": {"b": 1}}` as `{"a.b": 1}` (keys joined with `separator`)."""
     flat = {}
     for name, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{name}."))
+            flat.update(flatten_dict(value, separator, f"{prefix}{name}{separator}"))
         else:
             flat[f"{prefix}{name}"] = value
     return flat
@@ -196,8 +196,8 @@ def check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
     if not os.path.exists(path):
         return
     with open(path) as f:
-        previous = _flatten(json.load(f))
-    current = _flatten(json.loads(config.to_json()))
+        previous = flatten_dict(json.load(f))
+    current = flatten_dict(json.loads(config.to_json()))
     changed = sorted(key for key in current.keys() | previous.keys()
                      if current.get(key) != previous.get(key) and not key.startswith(RESUMABLE_FIELDS))
     if changed:
