@@ -72,14 +72,15 @@ def _with_gists(model: Llama, gists: GistTokens, context_ids, continuation_ids=N
 
 
 def gist_logits(model: Llama, gists: GistTokens, context_ids: Int[Array, "B n"],
-                continuation_ids: Int[Array, "B m"]) -> Float[Array, "B S V"]:
-    """Logits of every position of [context, gists, continuation] under the gist mask (training)."""
+                continuation_ids: Int[Array, "B m"], last: int | None = None) -> Float[Array, "B S V"]:
+    """Logits of every position of [context, gists, continuation] under the gist mask (training), or
+    of its `last` positions only (the LM head runs on those alone)."""
     ids, embeds, is_gist = _with_gists(model, gists, context_ids, continuation_ids)
     batch, steps = ids.shape
     cache = model.init_cache(batch, steps)  # slot s holds position s: the mask's key index is the slot
-    logits, _, _ = model(ids, cache, jnp.ones(ids.shape, bool), all_logits=True, inputs_embeds=embeds,
-                         extra_mask=gist_mask(is_gist))
-    return logits
+    hidden, _, _ = model(ids, cache, jnp.ones(ids.shape, bool), inputs_embeds=embeds,
+                         extra_mask=gist_mask(is_gist), return_hidden=True)
+    return model.logits(hidden if last is None else hidden[:, -last:])
 
 
 def continuation_loss(logits: Float[Array, "B S V"], continuation_ids: Int[Array, "B m"]
@@ -95,9 +96,11 @@ def continuation_loss(logits: Float[Array, "B S V"], continuation_ids: Int[Array
 
 
 def gist_loss(model: Llama, gists: GistTokens, context_ids: Int[Array, "B n"],
-              continuation_ids: Int[Array, "B m"]) -> Float[Array, ""]:
-    """Mean next-token cross-entropy of the continuation, which sees the context only through the gists."""
-    return continuation_loss(gist_logits(model, gists, context_ids, continuation_ids), continuation_ids)[0]
+              continuation_ids: Int[Array, "B m"]) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """Mean next-token cross-entropy and accuracy of the continuation, which sees the context only
+    through the gists."""
+    last = jnp.shape(continuation_ids)[1] + 1
+    return continuation_loss(gist_logits(model, gists, context_ids, continuation_ids, last), continuation_ids)
 
 
 def gist_press(gists: GistTokens) -> Press:

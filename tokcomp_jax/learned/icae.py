@@ -88,14 +88,22 @@ def _check_pair(context_ids, continuation_ids):
     return context_ids, continuation_ids
 
 
-def _lm_logits(decoder: Llama, slots, continuation_ids):
-    return _forward(decoder, jnp.concatenate([slots, decoder.embed_tokens(continuation_ids)], axis=1))
+def _logits(decoder: Llama, embeds: Float[Array, "B T E"], last: int | None) -> Float[Array, "B S V"]:
+    """The decoder's logits over `embeds`: at every position, or at the `last` ones only."""
+    hidden = _forward(decoder, embeds, return_hidden=True)
+    return decoder.logits(hidden if last is None else hidden[:, -last:])
+
+
+def _lm_logits(decoder: Llama, slots, continuation_ids, last: int | None = None):
+    return _logits(decoder, jnp.concatenate([slots, decoder.embed_tokens(continuation_ids)], axis=1), last)
 
 
 def _ae_logits(decoder: Llama, icae: ICAE, slots, context_ids):
+    """The logits that predict the context from [slots, [AE], context] (the [AE] token's and the context's)."""
     batch, _, dim = slots.shape
     ae = jnp.broadcast_to(icae.ae_embedding[...], (batch, 1, dim))
-    return _forward(decoder, jnp.concatenate([slots, ae, decoder.embed_tokens(context_ids)], axis=1))
+    return _logits(decoder, jnp.concatenate([slots, ae, decoder.embed_tokens(context_ids)], axis=1),
+                   context_ids.shape[1] + 1)
 
 
 def icae_logits(encoder: Llama, decoder: Llama, icae: ICAE, context_ids: Int[Array, "B n"],
@@ -116,7 +124,8 @@ def icae_loss(encoder: Llama, decoder: Llama, icae: ICAE, context_ids: Int[Array
     context_ids, continuation_ids = _check_pair(context_ids, continuation_ids)
     slots = memory_slots(encoder, icae, context_ids)
     ae, ae_accuracy = continuation_loss(_ae_logits(decoder, icae, slots, context_ids), context_ids)
-    lm, lm_accuracy = continuation_loss(_lm_logits(decoder, slots, continuation_ids), continuation_ids)
+    lm, lm_accuracy = continuation_loss(_lm_logits(decoder, slots, continuation_ids, continuation_ids.shape[1] + 1),
+                                       continuation_ids)
     metrics = {"ae_loss": ae, "ae_accuracy": ae_accuracy, "lm_loss": lm, "lm_accuracy": lm_accuracy}
     return ae_weight * ae + (1 - ae_weight) * lm, metrics
 

@@ -16,7 +16,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from tokcomp_jax.learned.gist import GistTokens, continuation_loss, gist_logits
+from tokcomp_jax.learned.gist import GistTokens, gist_loss
 from tokcomp_jax.learned.icae import ICAE, ICAEParams, icae_loss, lora_encoder
 from tokcomp_jax.training.config import ConfigError, check_count, check_fraction, check_lora_fields, names
 from tokcomp_jax.training.lora import init_lora
@@ -53,7 +53,7 @@ def gist_task(config: ml_collections.ConfigDict) -> Task:
 
     def loss(model, gists, batch):
         context, continuation = split_window(config, "gist", batch)
-        nll, accuracy = continuation_loss(gist_logits(model, gists, context, continuation), continuation)
+        nll, accuracy = gist_loss(model, gists, context, continuation)
         return nll, {"accuracy": accuracy}
 
     return Task(init=init, loss=loss, extra_axes={"embeddings": (None, "embed")}, no_decay=("embeddings",))

@@ -201,8 +201,12 @@ class Llama(nnx.Module):
         cache, states = KVCache(tuple(layers), num_seen), tuple(states) if press is not None else None
         if return_hidden:
             return x, cache, states
-        logits = self.lm_head(x) if hasattr(self, "lm_head") else self.embed_tokens.attend(x)
-        return logits.astype(jnp.float32), cache, states
+        return self.logits(x), cache, states
+
+    def logits(self, hidden: Float[Array, "... E"]) -> Float[Array, "... V"]:
+        """float32 logits of final hidden states (`return_hidden`'s): the LM head, or the tied embeddings."""
+        logits = self.lm_head(hidden) if hasattr(self, "lm_head") else self.embed_tokens.attend(hidden)
+        return logits.astype(jnp.float32)
 
     def _constrain(self, x: Float[Array, "B T E"]) -> Float[Array, "B T E"]:
         if self.activation_sharding is None:
