@@ -30,7 +30,7 @@ RUN = {"steps": 20, "checkpoint.every": 3, "checkpoint.max_to_keep": 2}
 
 
 def losses(workdir: Path) -> list[float]:
-    return [record["loss"] for record in read_metrics(str(workdir / "metrics.jsonl"))]
+    return [record["loss"] for record in read_metrics(str(workdir / "metrics.jsonl")) if "loss" in record]
 
 
 def steps(workdir: Path) -> list[int]:
@@ -54,6 +54,30 @@ def test_tiny_run_learns_logs_each_step_and_keeps_max_to_keep_checkpoints(run_a)
     assert lrs[:3] == pytest.approx([1e-3, 2e-3, 3e-3]) and lrs[-1] == pytest.approx(3e-4)
     assert sorted(os.listdir(run_a / "checkpoints")) == ["18", "20"]
     assert json.loads((run_a / "config.json").read_text())["steps"] == 20
+
+
+def test_held_out_evaluation_logs_the_held_out_loss_and_leaves_training_unchanged(run_a, tmp_path):
+    config = tiny_config({**RUN, "eval_every": 8, "eval_batches": 2})
+    state = train(config, str(tmp_path))
+    records = read_metrics(str(tmp_path / "metrics.jsonl"))
+    evaluations = [record for record in records if "eval_loss" in record]
+    assert [record["step"] for record in evaluations] == [8, 16, 20]  # and after the last update
+    assert set(evaluations[0]) == {"step", "eval_loss", "eval_accuracy"}
+    assert losses(tmp_path) == losses(run_a)
+    # The last evaluation is the final parameters' mean loss over the first 2 held-out batches.
+    trainer = Trainer(config)
+    held_out = lm_windows(config, trainer.tokenizer, "held_out")
+    train_rows = {row.tobytes() for step in range(20) for row in trainer.data.batch(step)["ids"]}
+    expected = []
+    for index in range(2):
+        rows = held_out.batch(index)["ids"]
+        assert not {row.tobytes() for row in rows} & train_rows
+        expected.append(float(trainer.loss_fn(state["trained"], trainer.frozen, {"ids": jnp.asarray(rows)})[0]))
+    assert evaluations[-1]["eval_loss"] == pytest.approx(np.mean(expected), rel=1e-5)
+    assert evaluations[0]["eval_loss"] > evaluations[-1]["eval_loss"]
+    with pytest.raises(ConfigError, match=r"config\.eval_batches is 100000, .* ask for at most \d+"):
+        train(tiny_config({**RUN, "eval_every": 8, "eval_batches": 100000}), str(tmp_path / "too_many"))
+    assert not (tmp_path / "too_many").exists()  # before anything runs
 
 
 def test_killed_run_resumes_exactly_where_it_stopped(run_a, tmp_path):
@@ -195,6 +219,8 @@ def test_sharded_runs_match_one_device(run_a, tmp_path):
     ({"trainable": "lora", "lora.targets": ("q_proj", "qq_proj")}, "config.lora.targets"),
     ({"compute_dtype": "float16"}, "config.compute_dtype"),
     ({"trainable": "none"}, "config.trainable"),
+    ({"eval_every": -1}, "config.eval_every"),
+    ({"eval_batches": 0}, "config.eval_batches"),
 ])
 def test_bad_config_values_fail_before_anything_runs(tmp_path, overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -232,6 +258,7 @@ def test_weight_decay_skips_vectors_and_new_token_embeddings():
 
 def test_a_run_resumes_only_with_a_config_that_computes_the_same(tmp_path):
     (tmp_path / "config.json").write_text(tiny_config(RUN).to_json())
-    check_same_run(tiny_config({**RUN, "mesh.data": 1, "checkpoint.every": 5, "log_every": 2}), str(tmp_path))
+    check_same_run(tiny_config({**RUN, "mesh.data": 1, "checkpoint.every": 5, "log_every": 2,
+                                   "eval_every": 5}), str(tmp_path))
     with pytest.raises(ConfigError, match=r"differs in optim\.lr, steps;"):
         check_same_run(tiny_config({**RUN, "steps": 30, "optim.lr": 1e-3}), str(tmp_path))

@@ -33,6 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.grad_accum_steps = 1            # micro-batches per update (batch_size must divide by it)
     c.remat = False                   # recompute each decoder layer's forward in the backward pass: less memory
     c.log_every = 1                   # updates between metrics lines
+    c.eval_every = 0                  # updates between held-out evaluations (and after the last); 0: none
+    c.eval_batches = 4                # held-out batches of batch_size rows per evaluation (the same each time)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "tiny"             # "tiny" (tc.testing.tiny_llama) or a name/path for tc.load
@@ -119,8 +121,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
              f"one of {COMPUTE_DTYPES}")
     _require(_is_int(config.seed) and config.seed >= 0, "seed", config.seed, "an integer >= 0")
     _require(isinstance(config.remat, bool), "remat", config.remat, "True or False")
-    for field in ("steps", "batch_size", "grad_accum_steps", "log_every"):
+    for field in ("steps", "batch_size", "grad_accum_steps", "log_every", "eval_batches"):
         check_count(config[field], field)
+    _require(_is_int(config.eval_every) and config.eval_every >= 0, "eval_every", config.eval_every,
+             "an integer >= 0 (0: no held-out evaluation)")
     if config.batch_size % config.grad_accum_steps:
         raise ConfigError(f"config.batch_size ({config.batch_size}) must divide by config.grad_accum_steps "
                           f"({config.grad_accum_steps}): every micro-batch has batch_size / grad_accum_steps rows.")

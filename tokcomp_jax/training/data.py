@@ -18,6 +18,7 @@ class DataSource(Protocol):
     step is then the whole state of the input pipeline."""
 
     tokens_per_batch: int  # tokens read per global batch (for tokens/s)
+    num_batches: int       # distinct global batches before their order repeats
 
     def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> Mapping[str, np.ndarray]:
         """The rows of global batch `step` that process `process_index` reads: arrays `[rows, ...]`."""
@@ -32,6 +33,10 @@ class TokenWindows:
     @property
     def tokens_per_batch(self) -> int:
         return self.windows.batch_size * self.windows.window
+
+    @property
+    def num_batches(self) -> int:
+        return self.windows.steps_per_epoch
 
     def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
         return {"ids": self.windows.batch(step, process_index, process_count)}

@@ -33,7 +33,7 @@ from tokcomp_jax.sharding import activation_sharding, make_mesh, param_shardings
 from tokcomp_jax.testing import tiny_llama
 from tokcomp_jax.training.checkpoint import Checkpoints, abstract_like
 from tokcomp_jax.training.config import ConfigError, check_config, names
-from tokcomp_jax.training.data import ByteTokenizer, batch_shardings, global_batch
+from tokcomp_jax.training.data import ByteTokenizer, DataSource, batch_shardings, global_batch
 from tokcomp_jax.training.lora import init_lora
 from tokcomp_jax.training.metrics import MetricsLog, format_record
 from tokcomp_jax.training.optim import make_optimizer
@@ -43,7 +43,7 @@ from tokcomp_jax.training.tasks import make_task
 CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR = "config.json", "metrics.jsonl", "checkpoints"
 # Fields a resumed run may change: they don't change what is computed (a checkpoint restores onto
 # any mesh; remat trades memory for time).
-RESUMABLE_FIELDS = ("log_every", "checkpoint.", "mesh.", "remat")
+RESUMABLE_FIELDS = ("log_every", "eval_", "checkpoint.", "mesh.", "remat")
 
 
 def host_device() -> jax.Device | None:
@@ -144,6 +144,31 @@ class Trainer:
             in_shardings=(self.trained_shardings, self.opt_shardings, frozen_shardings, self.batch_shardings),
             out_shardings=(self.trained_shardings, self.opt_shardings, NamedSharding(self.mesh, PartitionSpec())),
             donate_argnums=(0, 1))
+        self._eval = jax.jit(self.loss_fn, in_shardings=(self.trained_shardings, frozen_shardings, self.batch_shardings),
+                             out_shardings=NamedSharding(self.mesh, PartitionSpec()))
+        self._held_out = self._held_out_data() if config.eval_every else None
+
+    def _held_out_data(self) -> DataSource:
+        config = self.config
+        held_out = self.task.data(config, self.tokenizer, "held_out")
+        if config.eval_batches > held_out.num_batches:
+            raise ConfigError(f"config.eval_batches is {config.eval_batches}, but the held-out documents hold "
+                              f"{held_out.num_batches} batches of {config.batch_size} rows; ask for at most "
+                              f"{held_out.num_batches}.")
+        return held_out
+
+    def evaluate(self, state: dict) -> dict[str, float]:
+        """The task's loss and metrics on `config.eval_batches` held-out batches (the same ones at
+        every call, from documents training never reads), as `eval_loss`, `eval_<metric>`."""
+        if self._held_out is None:
+            self._held_out = self._held_out_data()
+        totals: dict[str, float] = {}
+        for index in range(self.config.eval_batches):
+            local = self._held_out.batch(index, jax.process_index(), jax.process_count())
+            loss, metrics = self._eval(state["trained"], self.frozen, global_batch(local, self.batch_shardings))
+            for name, value in jax.device_get({"loss": loss, **metrics}).items():
+                totals[name] = totals.get(name, 0.0) + float(value) / self.config.eval_batches
+        return {f"eval_{name}": value for name, value in totals.items()}
 
     def init_state(self) -> dict:
         """The state before the first update, on the mesh; once per trainer, as it frees the host's
@@ -226,7 +251,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 
     `workdir` gets `config.json`, `checkpoints/` (every `config.checkpoint.every` updates and the
     last) and `metrics.jsonl` (every `config.log_every` updates: step, loss, grad_norm, lr,
-    tokens_per_s and the task's metrics). `on_step(step, state)` runs after each update.
+    tokens_per_s and the task's metrics; every `config.eval_every`: the held-out `Trainer.evaluate`). `on_step(step, state)` runs after each update.
     """
     trainer = Trainer(config)
     checkpoints = Checkpoints(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=config.checkpoint.max_to_keep,
@@ -259,6 +284,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                     log.write(record)
                     bar.write(format_record(record))
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+                record = {"step": done, **trainer.evaluate(state)}
+                if lead:
+                    log.write(record)
+                    bar.write(format_record(record))
             bar.update(1)
             if on_step is not None:
                 on_step(done, state)
