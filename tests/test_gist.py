@@ -28,6 +28,18 @@ def test_training_forward_equals_inference_on_the_gist_cache(model_and_gists):
     np.testing.assert_allclose(inference, training, atol=1e-5)
 
 
+def test_the_same_gists_give_equal_presses_so_prefill_compiles_once(model_and_gists):
+    model, gists = model_and_gists
+    assert gist_press(gists) == gist_press(gists) and hash(gist_press(gists)) == hash(gist_press(gists))
+    assert gist_press(gists) != gist_press(GistTokens(model, 3, rngs=nnx.Rngs(0)))
+    context = np.arange(1, 19).reshape(2, 9)
+    compress_to_gists(model, gists, context)
+    compiled = tc.generation._forward_jit._cache_size()
+    again = compress_to_gists(model, gists, context + 1)
+    assert tc.generation._forward_jit._cache_size() == compiled
+    assert again.num_seen.tolist() == [12, 12]
+
+
 def test_generation_with_the_gist_press_continues_from_the_gists(model_and_gists):
     """`tc.generate_ids(..., press=gist_press)` on ragged prompts: each row's greedy tokens are what
     the training forward predicts from its context's gists."""

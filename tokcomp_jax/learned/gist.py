@@ -8,6 +8,8 @@ the continuation is predicted from the last gist on.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,16 +117,19 @@ def gist_press(gists: GistTokens) -> Press:
     >>> cache.lengths[0].tolist(), cache.capacities[0], cache.num_seen.tolist()
     ([[2, 2], [2, 2]], 10, [6, 4])
     """
-    k = gists.num_tokens
+    # Equal presses for the same gists: a jitted prefill compiles once for them.
+    return Press(init=no_state, compress=_keep_latest(gists.num_tokens), suffix=gists)
 
+
+@functools.cache
+def _keep_latest(k: int):
+    """A press's compress that keeps each row's latest k entries (the gists) after the last chunk."""
     def compress(layer, obs, state, **extra):
         del extra
         if not obs.last_chunk:
             return layer, state
-        # The gists are each row's latest k entries.
         return keep_top(layer, layer.positions, jnp.minimum(layer.lengths, k), k + obs.room), state
-
-    return Press(init=no_state, compress=compress, suffix=gists)
+    return compress
 
 
 def compress_to_gists(model: Llama, gists: GistTokens, context_ids: Int[Array, "B n"], *,
