@@ -144,7 +144,8 @@ class Trainer:
             in_shardings=(self.trained_shardings, self.opt_shardings, frozen_shardings, self.batch_shardings),
             out_shardings=(self.trained_shardings, self.opt_shardings, NamedSharding(self.mesh, PartitionSpec())),
             donate_argnums=(0, 1))
-        self._eval = jax.jit(self.loss_fn, in_shardings=(self.trained_shardings, frozen_shardings, self.batch_shardings),
+        self._eval = jax.jit(self.loss_fn,
+                             in_shardings=(self.trained_shardings, frozen_shardings, self.batch_shardings),
                              out_shardings=NamedSharding(self.mesh, PartitionSpec()))
         self._held_out = self._held_out_data() if config.eval_every else None
 
@@ -251,7 +252,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 
     `workdir` gets `config.json`, `checkpoints/` (every `config.checkpoint.every` updates and the
     last) and `metrics.jsonl` (every `config.log_every` updates: step, loss, grad_norm, lr,
-    tokens_per_s and the task's metrics; every `config.eval_every`: the held-out `Trainer.evaluate`). `on_step(step, state)` runs after each update.
+    tokens_per_s and the task's metrics; every `config.eval_every`: the held-out `Trainer.evaluate`).
+    `on_step(step, state)` runs after each update.
     """
     trainer = Trainer(config)
     checkpoints = Checkpoints(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=config.checkpoint.max_to_keep,
