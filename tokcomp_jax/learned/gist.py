@@ -82,7 +82,7 @@ def gist_logits(model: Llama, gists: GistTokens, context_ids: Int[Array, "B n"],
     cache = model.init_cache(batch, steps)  # slot s holds position s: the mask's key index is the slot
     hidden, _, _ = model(ids, cache, jnp.ones(ids.shape, bool), inputs_embeds=embeds,
                          extra_mask=gist_mask(is_gist), return_hidden=True)
-    return model.logits(hidden if last is None else hidden[:, -last:])
+    return model.logits(hidden, last)
 
 
 def continuation_loss(logits: Float[Array, "B S V"], continuation_ids: Int[Array, "B m"]

@@ -90,8 +90,7 @@ def _check_pair(context_ids, continuation_ids):
 
 def _logits(decoder: Llama, embeds: Float[Array, "B T E"], last: int | None) -> Float[Array, "B S V"]:
     """The decoder's logits over `embeds`: at every position, or at the `last` ones only."""
-    hidden = _forward(decoder, embeds, return_hidden=True)
-    return decoder.logits(hidden if last is None else hidden[:, -last:])
+    return decoder.logits(_forward(decoder, embeds, return_hidden=True), last)
 
 
 def _lm_logits(decoder: Llama, slots, continuation_ids, last: int | None = None):

@@ -203,8 +203,10 @@ class Llama(nnx.Module):
             return x, cache, states
         return self.logits(x), cache, states
 
-    def logits(self, hidden: Float[Array, "... E"]) -> Float[Array, "... V"]:
-        """float32 logits of final hidden states (`return_hidden`'s): the LM head, or the tied embeddings."""
+    def logits(self, hidden: Float[Array, "B T E"], last: int | None = None) -> Float[Array, "B S V"]:
+        """float32 logits of final hidden states (`return_hidden`'s), of every position or of the
+        `last` ones only (the head runs on those alone): the LM head, or the tied embeddings."""
+        hidden = hidden if last is None else hidden[:, -last:]
         logits = self.lm_head(hidden) if hasattr(self, "lm_head") else self.embed_tokens.attend(hidden)
         return logits.astype(jnp.float32)
 

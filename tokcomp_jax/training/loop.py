@@ -15,6 +15,7 @@ the loss, the gradient norm and the task's metrics); `train(config, workdir)` ru
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -23,6 +24,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
@@ -147,9 +149,11 @@ class Trainer:
         self._eval = jax.jit(self.loss_fn,
                              in_shardings=(self.trained_shardings, frozen_shardings, self.batch_shardings),
                              out_shardings=NamedSharding(self.mesh, PartitionSpec()))
-        self._held_out = self._held_out_data() if config.eval_every else None
+        if config.eval_every:
+            self._held_out  # checked before anything runs
 
-    def _held_out_data(self) -> DataSource:
+    @functools.cached_property
+    def _held_out(self) -> DataSource:
         config = self.config
         held_out = self.task.data(config, self.tokenizer, "held_out")
         if config.eval_batches > held_out.num_batches:
@@ -161,15 +165,13 @@ class Trainer:
     def evaluate(self, state: dict) -> dict[str, float]:
         """The task's loss and metrics on `config.eval_batches` held-out batches (the same ones at
         every call, from documents training never reads), as `eval_loss`, `eval_<metric>`."""
-        if self._held_out is None:
-            self._held_out = self._held_out_data()
-        totals: dict[str, float] = {}
+        results = []
         for index in range(self.config.eval_batches):
             local = self._held_out.batch(index, jax.process_index(), jax.process_count())
             loss, metrics = self._eval(state["trained"], self.frozen, global_batch(local, self.batch_shardings))
-            for name, value in jax.device_get({"loss": loss, **metrics}).items():
-                totals[name] = totals.get(name, 0.0) + float(value) / self.config.eval_batches
-        return {f"eval_{name}": value for name, value in totals.items()}
+            results.append({"loss": loss, **metrics})
+        results = jax.device_get(results)  # one transfer, after every batch is dispatched
+        return {f"eval_{name}": float(np.mean([result[name] for result in results])) for name in results[0]}
 
     def init_state(self) -> dict:
         """The state before the first update, on the mesh; once per trainer, as it frees the host's
