@@ -15,7 +15,7 @@ from tokcomp_jax.training import base_config
 def get_config() -> ml_collections.ConfigDict:
     config = base_config()
     config.task = "gist"
-    config.gist = ml_collections.ConfigDict({"num_tokens": 16, "context_tokens": 128})
+    config.gist = ml_collections.ConfigDict({"num_tokens": 16, "context_tokens": 128, "distill_weight": 0.0})
     config.model.name = "smollm2-135m-instruct"
     config.data.tokenizer = "model"
     config.data.corpus = "essays"

@@ -15,7 +15,8 @@ from tokcomp_jax.training import base_config
 def get_config() -> ml_collections.ConfigDict:
     config = base_config()
     config.task = "icae"
-    config.icae = ml_collections.ConfigDict({"num_slots": 16, "context_tokens": 128, "ae_weight": 0.5})
+    config.icae = ml_collections.ConfigDict({"num_slots": 16, "context_tokens": 128, "ae_weight": 0.5,
+                                            "distill_weight": 0.0})
     config.model.name = "smollm2-135m-instruct"
     config.data.tokenizer = "model"
     config.data.corpus = "essays"

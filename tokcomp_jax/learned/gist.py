@@ -18,6 +18,7 @@ from jaxtyping import Array, Float, Int
 
 from tokcomp_jax.cache import KVCache
 from tokcomp_jax.generation import prefill
+from tokcomp_jax.learned.distill import continuation_objective, teacher_logits
 from tokcomp_jax.learned.gist_mask import gist_mask
 from tokcomp_jax.models.llama import Llama
 from tokcomp_jax.presses.base import Press, keep_top, no_state
@@ -85,24 +86,16 @@ def gist_logits(model: Llama, gists: GistTokens, context_ids: Int[Array, "B n"],
     return model.logits(hidden, last)
 
 
-def continuation_loss(logits: Float[Array, "B S V"], continuation_ids: Int[Array, "B m"]
-                      ) -> tuple[Float[Array, ""], Float[Array, ""]]:
-    """Mean cross-entropy and accuracy of the last m tokens, `continuation_ids`, from the logits of
-    the sequence that ends with them (position S - m - 1 predicts the first)."""
-    m = continuation_ids.shape[1]
-    predicting = logits[:, -m - 1:-1].astype(jnp.float32)
-    logp = jax.nn.log_softmax(predicting, axis=-1)
-    targets = jnp.asarray(continuation_ids)
-    nll = -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
-    return nll, jnp.mean(jnp.argmax(predicting, axis=-1) == targets)
-
-
-def gist_loss(model: Llama, gists: GistTokens, context_ids: Int[Array, "B n"],
-              continuation_ids: Int[Array, "B m"]) -> tuple[Float[Array, ""], Float[Array, ""]]:
-    """Mean next-token cross-entropy and accuracy of the continuation, which sees the context only
-    through the gists."""
-    last = jnp.shape(continuation_ids)[1] + 1
-    return continuation_loss(gist_logits(model, gists, context_ids, continuation_ids, last), continuation_ids)
+def gist_loss(model: Llama, gists: GistTokens, context_ids: Int[Array, "B n"], continuation_ids: Int[Array, "B m"],
+              *, distill_weight: float = 0.0) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
+    """The continuation's loss and metrics (`continuation_objective`) when it sees the context only
+    through the gists: its cross-entropy, mixed for `distill_weight` > 0 with its KL to the model
+    reading the full context (context distillation)."""
+    context_ids = check_token_ids("context_ids", context_ids)
+    continuation_ids = check_token_ids("continuation_ids", continuation_ids)
+    logits = gist_logits(model, gists, context_ids, continuation_ids, continuation_ids.shape[1] + 1)
+    teacher = teacher_logits(model, context_ids, continuation_ids) if distill_weight else None
+    return continuation_objective(logits, continuation_ids, teacher, distill_weight)
 
 
 def gist_press(gists: GistTokens) -> Press:

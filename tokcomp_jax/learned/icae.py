@@ -18,7 +18,8 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from tokcomp_jax.cache import KVCache
-from tokcomp_jax.learned.gist import check_token_ids, continuation_loss, new_token_embeddings
+from tokcomp_jax.learned.distill import continuation_loss, continuation_objective, teacher_logits
+from tokcomp_jax.learned.gist import check_token_ids, new_token_embeddings
 from tokcomp_jax.models.llama import Llama
 from tokcomp_jax.training.lora import merge_lora
 
@@ -114,18 +115,23 @@ def icae_logits(encoder: Llama, decoder: Llama, icae: ICAE, context_ids: Int[Arr
 
 
 def icae_loss(encoder: Llama, decoder: Llama, icae: ICAE, context_ids: Int[Array, "B n"],
-              continuation_ids: Int[Array, "B c"], *, ae_weight: float = 0.5) -> tuple[Float[Array, ""], dict]:
-    """`ae_weight * ae_loss + (1 - ae_weight) * lm_loss` and the metrics ae_loss, ae_accuracy, lm_loss,
-    lm_accuracy: mean cross-entropies (and accuracies) of reconstructing the context from [slots,
-    [AE]] and of predicting the continuation from the slots, both from one encoding of the context."""
+              continuation_ids: Int[Array, "B c"], *, ae_weight: float = 0.5, distill_weight: float = 0.0
+              ) -> tuple[Float[Array, ""], dict]:
+    """`ae_weight * ae_loss + (1 - ae_weight) * lm_loss`, both from one encoding of the context, and
+    the metrics: ae_loss and ae_accuracy of reconstructing the context from [slots, [AE]]; lm_loss,
+    lm_nll, lm_accuracy (and lm_kl) of predicting the continuation from the slots, where lm_loss mixes
+    the cross-entropy with, for `distill_weight` > 0, the KL to the decoder reading the full context
+    (context distillation, `tokcomp_jax.learned.distill`)."""
     if not 0 <= ae_weight <= 1:
         raise ValueError(f"ae_weight (the autoencoding objective's share) must be in [0, 1], got {ae_weight}.")
     context_ids, continuation_ids = _check_pair(context_ids, continuation_ids)
     slots = memory_slots(encoder, icae, context_ids)
     ae, ae_accuracy = continuation_loss(_ae_logits(decoder, icae, slots, context_ids), context_ids)
-    lm, lm_accuracy = continuation_loss(_lm_logits(decoder, slots, continuation_ids, continuation_ids.shape[1] + 1),
-                                       continuation_ids)
-    metrics = {"ae_loss": ae, "ae_accuracy": ae_accuracy, "lm_loss": lm, "lm_accuracy": lm_accuracy}
+    teacher = teacher_logits(decoder, context_ids, continuation_ids) if distill_weight else None
+    lm, lm_metrics = continuation_objective(_lm_logits(decoder, slots, continuation_ids, continuation_ids.shape[1] + 1),
+                                            continuation_ids, teacher, distill_weight)
+    metrics = {"ae_loss": ae, "ae_accuracy": ae_accuracy, "lm_loss": lm,
+               **{f"lm_{name}": value for name, value in lm_metrics.items()}}
     return ae_weight * ae + (1 - ae_weight) * lm, metrics
 
 

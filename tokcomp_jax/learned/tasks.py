@@ -37,6 +37,14 @@ def check_context_fields(config: ml_collections.ConfigDict, name: str, count_fie
                           f"({fields.context_tokens}): the tokens after the context are the continuation.")
 
 
+def distill_weight_of(config: ml_collections.ConfigDict, name: str) -> float:
+    """`config[name].distill_weight`, the share of context distillation in the continuation's loss
+    (`tokcomp_jax.learned.distill`); 0 (the paper's cross-entropy alone) where the field is absent."""
+    weight = config[name].get("distill_weight", 0.0)
+    check_fraction(weight, f"{name}.distill_weight")
+    return weight
+
+
 def split_window(config: ml_collections.ConfigDict, name: str, batch):
     """(context, continuation) ids of a batch of windows."""
     ids, n = batch["ids"], config[name].context_tokens
@@ -44,8 +52,10 @@ def split_window(config: ml_collections.ConfigDict, name: str, batch):
 
 
 def gist_task(config: ml_collections.ConfigDict) -> Task:
-    """Gist tokens: the continuation's cross-entropy under the gist mask."""
+    """Gist tokens: the continuation's cross-entropy under the gist mask, mixed with context
+    distillation by `config.gist.distill_weight` (`gist_loss`)."""
     check_context_fields(config, "gist", "num_tokens")
+    distill_weight = distill_weight_of(config, "gist")
 
     def init(config, model, tokenizer):
         del tokenizer
@@ -53,8 +63,7 @@ def gist_task(config: ml_collections.ConfigDict) -> Task:
 
     def loss(model, gists, batch):
         context, continuation = split_window(config, "gist", batch)
-        nll, accuracy = gist_loss(model, gists, context, continuation)
-        return nll, {"accuracy": accuracy}
+        return gist_loss(model, gists, context, continuation, distill_weight=distill_weight)
 
     return Task(init=init, loss=loss, extra_axes={"embeddings": (None, "embed")}, no_decay=("embeddings",))
 
@@ -62,7 +71,8 @@ def gist_task(config: ml_collections.ConfigDict) -> Task:
 def icae_task(config: ml_collections.ConfigDict) -> Task:
     """ICAE pretraining: each window's context compresses into `config.icae.num_slots` memory slots,
     from which the frozen model (`config.trainable` "none") reconstructs it (weight
-    `config.icae.ae_weight`) and predicts the continuation. Trained: the memory and [AE] embeddings
+    `config.icae.ae_weight`) and predicts the continuation (with context distillation by
+    `config.icae.distill_weight`, `icae_loss`). Trained: the memory and [AE] embeddings
     and the encoder's LoRA adapters (`config.lora` rank, alpha and targets)."""
     if config.trainable != "none":
         raise ConfigError(f"config.trainable must be 'none' for task 'icae', got {config.trainable!r}: the decoder "
@@ -71,6 +81,7 @@ def icae_task(config: ml_collections.ConfigDict) -> Task:
     ae_weight = config.icae.get("ae_weight")
     check_fraction(ae_weight, "icae.ae_weight")
     check_lora_fields(config)
+    distill_weight = distill_weight_of(config, "icae")
     scale = config.lora.alpha / config.lora.rank
 
     def init(config, model, tokenizer):
@@ -83,7 +94,7 @@ def icae_task(config: ml_collections.ConfigDict) -> Task:
     def loss(model, params, batch):
         context, continuation = split_window(config, "icae", batch)
         return icae_loss(lora_encoder(model, params.adapters, scale), model, params.icae, context, continuation,
-                         ae_weight=ae_weight)
+                         ae_weight=ae_weight, distill_weight=distill_weight)
 
     return Task(init=init, loss=loss, extra_axes={"memory_embeddings": (None, "embed"), "ae_embedding": ("embed",)},
                 no_decay=("memory_embeddings", "ae_embedding"))
