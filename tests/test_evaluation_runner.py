@@ -6,13 +6,14 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import jax
 import jax.numpy as jnp
 import pytest
 
 import tokcomp_jax as tc
 from tokcomp_jax.checkpoints import GGUFFile, resolve_model_path
-from tokcomp_jax.evaluation import reports, runner
+from tokcomp_jax.evaluation import paired_interval, reports, runner
 from tokcomp_jax.evaluation.runner import Sweep, read_results, record_key, run_sweep
 
 SMALL = dict(presses=("none", "knorm", "streaming_llm"), ratios=(0.25, 0.5), lengths=(200, 260), task="passkey",
@@ -250,3 +251,15 @@ def test_the_compile_clock_counts_overlapping_events_once():
         assert clock.within(0.0, 30.0) == 7.0 and clock.within(12.0, 20.5) == 4.5 and clock.within(16.0, 20.0) == 0
     finally:
         runner.CompileClock._spans[:] = spans
+
+
+def test_the_paired_interval_covers_the_true_ratio_and_narrows_with_pairing():
+    rng = np.random.default_rng(0)
+    hardness = rng.normal(3.0, 1.0, 200)  # per-text difficulty, shared by both methods
+    reference = hardness + rng.normal(0, 0.05, 200)
+    better = hardness - 0.1 + rng.normal(0, 0.05, 200)
+    ratio, low, high = paired_interval(better, reference)
+    assert low < ratio < high < 1 and low < np.exp(-0.1) < high
+    assert high - low < 0.05  # the texts' difficulty, 20x the effect, cancels in the pairs
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_interval(better, reference[:10])

@@ -118,7 +118,13 @@ def test_eval_script_scores_every_method_on_held_out_windows(gist_run, tmp_path)
     assert set(result["nll"]) == {"no context", "full context", "streaming_llm", "knorm", "no context, trained model",
                                  "gist (trained)"}
     assert all(np.isfinite(v) for v in result["nll"].values())
-    assert "(best press)" in (tmp_path / "results.md").read_text()
+    for name, values in result["window_nll"].items():
+        assert len(values) == 5 and abs(np.mean(values) - result["nll"][name]) < 1e-5
+    report = (tmp_path / "results.md").read_text()
+    best = min(["streaming_llm", "knorm"], key=result["nll"].get)
+    assert f"| {best} | " in report and "(best press)" in report.split(f"| {best} | ")[1].splitlines()[0]
+    assert [line.split(":")[0] for line in report.splitlines() if line.startswith("- ")] == [
+        f"- gist 8x / {best}", "- gist 8x / no context"]
 
 
 def test_a_trained_icae_exports_and_compresses_as_it_trained(tmp_path):

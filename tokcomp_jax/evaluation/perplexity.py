@@ -71,3 +71,23 @@ def continuation_nll(model, continuation, cache: KVCache | None = None) -> np.nd
     continuation = np.asarray(continuation)
     logits, _ = prefill(model, continuation, cache=cache, all_logits=True)
     return np.asarray(token_nll(logits, jnp.asarray(continuation)))
+
+
+def paired_interval(nll: np.ndarray, reference: np.ndarray, *, level: float = 0.95, draws: int = 10_000,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """Perplexity ratio exp(mean(nll - reference)) of two methods scored on the same texts, with its
+    `level` confidence interval from a paired bootstrap over the texts (Efron & Tibshirani, 1993):
+    `nll` and `reference` hold one mean NLL per text, in the same order.
+
+    >>> ratio, low, high = paired_interval(np.array([2.0, 2.5, 3.0]), np.array([2.1, 2.6, 3.1]))
+    >>> round(ratio, 4), low < ratio < high or low == high
+    (0.9048, True)
+    """
+    nll, reference = np.asarray(nll, np.float64), np.asarray(reference, np.float64)
+    if nll.shape != reference.shape or nll.ndim != 1 or len(nll) < 2:
+        raise ValueError(f"nll and reference must be equal-length vectors of at least 2 per-text NLLs, got shapes "
+                         f"{nll.shape} and {reference.shape}.")
+    difference = nll - reference
+    rows = np.random.default_rng(seed).integers(0, len(difference), (draws, len(difference)))
+    low, high = np.quantile(difference[rows].mean(axis=1), [(1 - level) / 2, (1 + level) / 2])
+    return float(np.exp(difference.mean())), float(np.exp(low)), float(np.exp(high))
