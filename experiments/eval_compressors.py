@@ -10,8 +10,12 @@ Presses run on the base model, each compressor on its own trained model; "no con
 model" is that model without the context, so what the compressed tokens add shows apart from what
 training on the corpus adds.
 
+Each file's column reports the trained compressor's perplexity ratio to the best press and to no
+context with a 95% paired-bootstrap interval over the windows. Results of other files already in
+--output are kept, and their base-model scores reused for a file of the same windows and budget.
+
   python experiments/eval_compressors.py \
-      --compressors=compressors/gist_k16.safetensors,compressors/gist_k8.safetensors
+      --compressors=compressors/gist_smollm2_k16.safetensors,compressors/gist_smollm2_k8.safetensors
 """
 import collections
 import json
@@ -37,6 +41,8 @@ _PRESSES = flags.DEFINE_list("presses", ["streaming_llm", "snapkv", "tova", "obs
                              "Training-free presses to compare, at the compressor's budget.")
 _MAX_WINDOWS = flags.DEFINE_integer("max_windows", None, "Score at most this many held-out windows (default: all).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
+_REUSE = flags.DEFINE_bool("reuse", True, "Take the base model's scores (no context, full context, presses) from "
+                           "--output's results.json where it holds them for the same model, windows and budget.")
 _OUTPUT = flags.DEFINE_string("output", "experiments/results/compressors", "Directory of results.md and "
                               "results.json; results there of files not evaluated now are kept.")
 
@@ -70,7 +76,9 @@ def window_nll(make_cache, model, windows: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate(nll)
 
 
-def evaluate(path: str) -> dict:
+def evaluate(path: str, previous: list[dict]) -> dict:
+    """Scores every method on the held-out windows of the run that made `path`; with --reuse, the base
+    model's methods come from a result in `previous` of the same model, windows and budget."""
     trained = load_trained(path)
     config = trained.config
     fields = config[config.task]
@@ -79,6 +87,9 @@ def evaluate(path: str) -> dict:
     n, budget = fields.context_tokens, fields[BUDGET_FIELD[config.task]]
     base, tokenizer = load_model(config)
     windows = held_out_windows(tokenizer, config)
+    setup = {"model": config.model.to_dict(), "data": config.data.to_dict(), "context_tokens": n, "budget": budget,
+             "windows": len(windows)}
+    reused = next((r["window_nll"] for r in previous if _REUSE.value and r.get("setup") == setup), {})
 
     def pressed(name):
         press = make_press(name, tokens=budget)
@@ -94,12 +105,16 @@ def evaluate(path: str) -> dict:
     nll, per_window = {}, {}
     for name, (model, make_cache) in methods.items():
         start = time.perf_counter()
-        per_window[name] = window_nll(make_cache, model, windows, n)
+        if model is base and name in reused:
+            per_window[name], source = np.asarray(reused[name]), " (reused)"
+        else:
+            per_window[name], source = window_nll(make_cache, model, windows, n), ""
         nll[name] = float(per_window[name].mean())
         seconds = time.perf_counter() - start
-        print(f"{os.path.basename(path)} {name:>26}: ppl {np.exp(nll[name]):8.3f}  ({seconds:.0f} s)", flush=True)
+        print(f"{os.path.basename(path)} {name:>26}: ppl {np.exp(nll[name]):8.3f}  ({seconds:.0f} s){source}",
+              flush=True)
     return {"file": path, "task": config.task, "context_tokens": n, "budget": budget, "ratio": n / budget,
-            "continuation_tokens": config.data.window - n, "windows": len(windows), "nll": nll,
+            "continuation_tokens": config.data.window - n, "windows": len(windows), "setup": setup, "nll": nll,
             "window_nll": {name: [round(float(v), 6) for v in values] for name, values in per_window.items()}}
 
 
@@ -139,19 +154,25 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def merged(results: list[dict]) -> list[dict]:
-    """`results` with those of other files already in the output's results.json, by task and ratio."""
+def previous_results() -> list[dict]:
+    """The results already in --output's results.json that hold per-window scores."""
     path = os.path.join(_OUTPUT.value, "results.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [result for result in json.load(f) if "window_nll" in result]
+
+
+def merged(results: list[dict], previous: list[dict]) -> list[dict]:
+    """`results` and those of other files in `previous`, by task and ratio."""
     evaluated = {result["file"] for result in results}
-    if os.path.exists(path):
-        with open(path) as f:
-            results = [r for r in json.load(f) if r["file"] not in evaluated and "window_nll" in r] + results
-    return sorted(results, key=lambda r: (r["task"], r["ratio"]))
+    return sorted([r for r in previous if r["file"] not in evaluated] + results, key=lambda r: (r["task"], r["ratio"]))
 
 
 def main(argv):
     del argv
-    results = merged([evaluate(path) for path in _COMPRESSORS.value])
+    previous = previous_results()
+    results = merged([evaluate(path, previous) for path in _COMPRESSORS.value], previous)
     table = markdown(results)
     print(table)
     os.makedirs(_OUTPUT.value, exist_ok=True)

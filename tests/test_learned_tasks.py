@@ -106,13 +106,19 @@ def test_continuation_nll_from_a_cache_equals_one_pass_over_the_window():
                                rtol=1e-6)
 
 
-def test_eval_script_scores_every_method_on_held_out_windows(gist_run, tmp_path):
-    _, path = gist_run
+def eval_compressors(path, output, presses: str) -> str:
+    """experiments/eval_compressors.py on 5 windows; its stdout."""
     run = subprocess.run([sys.executable, "experiments/eval_compressors.py", f"--compressors={path}",
-                          "--presses=streaming_llm,knorm", "--max_windows=5", "--batch_size=4",
-                          f"--output={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          f"--presses={presses}", "--max_windows=5", "--batch_size=4", f"--output={output}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
+def test_eval_script_scores_every_method_on_held_out_windows(gist_run, tmp_path):
+    _, path = gist_run
+    eval_compressors(path, tmp_path, "streaming_llm,knorm")
     (result,) = json.loads((tmp_path / "results.json").read_text())
     assert result["windows"] == 5 and result["budget"] == GISTS and result["ratio"] == CONTEXT / GISTS
     assert set(result["nll"]) == {"no context", "full context", "streaming_llm", "knorm", "no context, trained model",
@@ -125,6 +131,13 @@ def test_eval_script_scores_every_method_on_held_out_windows(gist_run, tmp_path)
     assert f"| {best} | " in report and "(best press)" in report.split(f"| {best} | ")[1].splitlines()[0]
     assert [line.split(":")[0] for line in report.splitlines() if line.startswith("- ")] == [
         f"- gist 8x / {best}", "- gist 8x / no context"]
+
+    # Evaluated again into the same directory, the base model's scores are reused, not recomputed.
+    again = eval_compressors(path, tmp_path, "knorm")
+    reused = [line.split(":")[0].split()[-1] for line in again.splitlines() if line.endswith("(reused)")]
+    assert reused == ["context", "context", "knorm"]  # no context, full context, knorm
+    (second,) = json.loads((tmp_path / "results.json").read_text())
+    assert second["window_nll"]["knorm"] == result["window_nll"]["knorm"] and "streaming_llm" not in second["nll"]
 
 
 def test_a_trained_icae_exports_and_compresses_as_it_trained(tmp_path):
