@@ -20,7 +20,10 @@ import gc  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from flax import nnx  # noqa: E402
+
 import tokcomp_jax as tc  # noqa: E402
+from tokcomp_jax.learned.gist import GistTokens  # noqa: E402
 
 SMOLLM2 = "smollm2-135m-instruct"
 
@@ -63,6 +66,13 @@ def hf_smollm2():
     model = transformers.AutoModelForCausalLM.from_pretrained(
         directory, gguf_file=filename, dtype=torch.float32, attn_implementation="eager")
     return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_and_gists():
+    """A tiny random Llama and 3 untrained gist tokens for it."""
+    model = tc.testing.tiny_llama(seed=1)
+    return model, GistTokens(model, 3, rngs=nnx.Rngs(0))
 
 
 @pytest.fixture(scope="session")

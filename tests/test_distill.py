@@ -10,7 +10,7 @@ from flax import nnx
 
 import tokcomp_jax as tc
 from tokcomp_jax.learned.distill import continuation_objective
-from tokcomp_jax.learned.gist import GistTokens, gist_logits, gist_loss
+from tokcomp_jax.learned.gist import gist_logits, gist_loss
 from tokcomp_jax.learned.icae import ICAE, icae_loss, lora_encoder, memory_slots
 from tokcomp_jax.training import ConfigError, init_lora
 from test_learned_tasks import gist_config
@@ -29,12 +29,6 @@ def full_context_logprobs(model, context, continuation):
 def kl(teacher_logp, student_logits, m):
     student = np.asarray(jax.nn.log_softmax(student_logits[:, -m - 1:-1]))
     return float(np.mean(np.sum(np.exp(teacher_logp) * (teacher_logp - student), axis=-1)))
-
-
-@pytest.fixture(scope="module")
-def model_and_gists():
-    model = tc.testing.tiny_llama(seed=1)
-    return model, GistTokens(model, 3, rngs=nnx.Rngs(0))
 
 
 def test_the_gist_loss_mixes_cross_entropy_and_the_kl_to_the_full_context_model(model_and_gists):

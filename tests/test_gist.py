@@ -10,12 +10,6 @@ import tokcomp_jax as tc
 from tokcomp_jax.learned.gist import GistTokens, compress_to_gists, gist_logits, gist_loss, gist_press
 
 
-@pytest.fixture(scope="module")
-def model_and_gists():
-    model = tc.testing.tiny_llama(seed=1)
-    return model, GistTokens(model, 3, rngs=nnx.Rngs(0))
-
-
 def test_training_forward_equals_inference_on_the_gist_cache(model_and_gists):
     model, gists = model_and_gists
     rng = np.random.default_rng(0)

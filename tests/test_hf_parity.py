@@ -49,8 +49,8 @@ CASES = {
 
 
 def _randomize(model: "torch.nn.Module", seed: int) -> None:
-    """Non-trivial weights: embeddings of std 0.3 (logit std ~2 when tied), 2/sqrt(fan_in) linears, norms and biases near
-    their defaults but not at them, so that logits are far from uniform and every term matters."""
+    """Non-trivial weights: embeddings of std 0.3 (logit std ~2 when tied), 2/sqrt(fan_in) linears, norms and
+    biases near their defaults but not at them, so that logits are far from uniform and every term matters."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -53,7 +53,8 @@ def safetensors_files(directory: str) -> list[str]:
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         hint = ""
-        if any(os.path.isfile(os.path.join(directory, n)) for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        torch_files = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+        if any(os.path.isfile(os.path.join(directory, n)) for n in torch_files):
             hint = " (only .safetensors weights load; this directory has PyTorch .bin files)"
         raise CheckpointError(
             f"weight file(s) missing from {directory}: {', '.join(map(os.path.basename, missing))}{hint}.")

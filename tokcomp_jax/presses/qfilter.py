@@ -72,7 +72,8 @@ def _qfilter(ratio: float | None, tokens: int | None, filters: _Filters) -> Pres
         _, kv_heads, _, dim = layer.keys.shape
         if obs.layer_index >= array.shape[0] or array.shape[1:] != (kv_heads, dim):
             raise ValueError(
-                f"filters is shaped {array.shape} ([layers, KV heads, head_dim]) but layer {obs.layer_index} of the model has {kv_heads} KV heads "
+                f"filters is shaped {array.shape} ([layers, KV heads, head_dim]) but layer {obs.layer_index} "
+                f"of the model has {kv_heads} KV heads "
                 f"of dimension {dim}; compute filters for this model with calibrate_qfilters(model, ids).")
         return -jnp.einsum("bhcd,hd->bhc", layer.keys.astype(jnp.float32), array[obs.layer_index],
                            precision=jax.lax.Precision.HIGHEST)
@@ -122,7 +123,8 @@ def calibrate_qfilters(model, ids, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> F
     ids, lengths = pad_batch(ids)
     config = model.config
     if ids.min() < 0 or ids.max() >= config.vocab_size:
-        raise ValueError(f"ids must be token ids in [0, {config.vocab_size}), got values in [{ids.min()}, {ids.max()}].")
+        raise ValueError(f"ids must be token ids in [0, {config.vocab_size}), got values in "
+                         f"[{ids.min()}, {ids.max()}].")
     batch, steps = ids.shape
     chunk = min(chunk_size, steps)
     width = -(-steps // chunk) * chunk
