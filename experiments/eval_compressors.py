@@ -132,8 +132,8 @@ def comparisons(result: dict) -> list[str]:
     for name in (best_press(result), "no context"):
         if name is not None:
             ratio, low, high = paired_interval(trained, result["window_nll"][name])
-            lines.append(f"{result['task']} {result['ratio']:g}x / {name}: perplexity ratio {ratio:.3f} "
-                         f"[{low:.3f}, {high:.3f}]")
+            lines.append(f"{result['task']} {result['ratio']:g}x ({os.path.basename(result['file'])}) / {name}: "
+                         f"perplexity ratio {ratio:.3f} [{low:.3f}, {high:.3f}]")
     return lines
 
 

@@ -130,7 +130,7 @@ def test_eval_script_scores_every_method_on_held_out_windows(gist_run, tmp_path)
     best = min(["streaming_llm", "knorm"], key=result["nll"].get)
     assert f"| {best} | " in report and "(best press)" in report.split(f"| {best} | ")[1].splitlines()[0]
     assert [line.split(":")[0] for line in report.splitlines() if line.startswith("- ")] == [
-        f"- gist 8x / {best}", "- gist 8x / no context"]
+        f"- gist 8x ({Path(path).name}) / {best}", f"- gist 8x ({Path(path).name}) / no context"]
 
     # Evaluated again into the same directory, the base model's scores are reused, not recomputed.
     again = eval_compressors(path, tmp_path, "knorm")
