@@ -54,16 +54,26 @@ def check_token_ids(name: str, ids) -> jax.Array:
     return ids.astype(jnp.int32)
 
 
+def check_pair(context_ids, continuation_ids) -> tuple[jax.Array, jax.Array]:
+    """`check_token_ids` of both, which must have the same rows."""
+    context_ids = check_token_ids("context_ids", context_ids)
+    continuation_ids = check_token_ids("continuation_ids", continuation_ids)
+    if continuation_ids.shape[0] != context_ids.shape[0]:
+        raise ValueError(f"continuation_ids has {continuation_ids.shape[0]} rows but context_ids has "
+                         f"{context_ids.shape[0]}.")
+    return context_ids, continuation_ids
+
+
 def _with_gists(model: Llama, gists: GistTokens, context_ids, continuation_ids=None):
     """Token ids (0 at the gists), input embeddings and the gist flags of [context, gists, continuation]."""
-    context_ids = check_token_ids("context_ids", context_ids)
+    if continuation_ids is None:
+        context_ids = check_token_ids("context_ids", context_ids)
+    else:
+        context_ids, continuation_ids = check_pair(context_ids, continuation_ids)
     batch, n = context_ids.shape
     k = gists.num_tokens
     parts = [context_ids, jnp.zeros((batch, k), jnp.int32)]
     if continuation_ids is not None:
-        continuation_ids = check_token_ids("continuation_ids", continuation_ids)
-        if continuation_ids.shape[0] != batch:
-            raise ValueError(f"continuation_ids has {continuation_ids.shape[0]} rows but context_ids has {batch}.")
         parts.append(continuation_ids)
     ids = jnp.concatenate(parts, axis=1)
     is_gist = (jnp.arange(ids.shape[1]) >= n) & (jnp.arange(ids.shape[1]) < n + k)
@@ -91,8 +101,7 @@ def gist_loss(model: Llama, gists: GistTokens, context_ids: Int[Array, "B n"], c
     """The continuation's loss and metrics (`continuation_objective`) when it sees the context only
     through the gists: its cross-entropy, mixed for `distill_weight` > 0 with its KL to the model
     reading the full context (context distillation)."""
-    context_ids = check_token_ids("context_ids", context_ids)
-    continuation_ids = check_token_ids("continuation_ids", continuation_ids)
+    context_ids, continuation_ids = check_pair(context_ids, continuation_ids)
     logits = gist_logits(model, gists, context_ids, continuation_ids, continuation_ids.shape[1] + 1)
     teacher = teacher_logits(model, context_ids, continuation_ids) if distill_weight else None
     return continuation_objective(logits, continuation_ids, teacher, distill_weight)

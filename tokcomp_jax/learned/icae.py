@@ -19,7 +19,7 @@ from jaxtyping import Array, Float, Int
 
 from tokcomp_jax.cache import KVCache
 from tokcomp_jax.learned.distill import continuation_loss, continuation_objective, teacher_logits
-from tokcomp_jax.learned.gist import check_token_ids, new_token_embeddings
+from tokcomp_jax.learned.gist import check_pair, check_token_ids, new_token_embeddings
 from tokcomp_jax.models.llama import Llama
 from tokcomp_jax.training.lora import merge_lora
 
@@ -80,15 +80,6 @@ def memory_slots(encoder: Llama, icae: ICAE, context_ids: Int[Array, "B n"]) -> 
     return _forward(encoder, embeds, return_hidden=True)[:, -m:]
 
 
-def _check_pair(context_ids, continuation_ids):
-    context_ids = check_token_ids("context_ids", context_ids)
-    continuation_ids = check_token_ids("continuation_ids", continuation_ids)
-    if continuation_ids.shape[0] != context_ids.shape[0]:
-        raise ValueError(f"continuation_ids has {continuation_ids.shape[0]} rows but context_ids has "
-                         f"{context_ids.shape[0]}.")
-    return context_ids, continuation_ids
-
-
 def _logits(decoder: Llama, embeds: Float[Array, "B T E"], last: int | None) -> Float[Array, "B S V"]:
     """The decoder's logits over `embeds`: at every position, or at the `last` ones only."""
     return decoder.logits(_forward(decoder, embeds, return_hidden=True), last)
@@ -110,7 +101,7 @@ def icae_logits(encoder: Llama, decoder: Llama, icae: ICAE, context_ids: Int[Arr
                 continuation_ids: Int[Array, "B c"]) -> Float[Array, "B S V"]:
     """The decoder's logits at every position of [slots, continuation] (S = m + c; the language
     modelling objective's forward), in which the context is seen only through the slots."""
-    context_ids, continuation_ids = _check_pair(context_ids, continuation_ids)
+    context_ids, continuation_ids = check_pair(context_ids, continuation_ids)
     return _lm_logits(decoder, memory_slots(encoder, icae, context_ids), continuation_ids)
 
 
@@ -124,7 +115,7 @@ def icae_loss(encoder: Llama, decoder: Llama, icae: ICAE, context_ids: Int[Array
     (context distillation, `tokcomp_jax.learned.distill`)."""
     if not 0 <= ae_weight <= 1:
         raise ValueError(f"ae_weight (the autoencoding objective's share) must be in [0, 1], got {ae_weight}.")
-    context_ids, continuation_ids = _check_pair(context_ids, continuation_ids)
+    context_ids, continuation_ids = check_pair(context_ids, continuation_ids)
     slots = memory_slots(encoder, icae, context_ids)
     ae, ae_accuracy = continuation_loss(_ae_logits(decoder, icae, slots, context_ids), context_ids)
     teacher = teacher_logits(decoder, context_ids, continuation_ids) if distill_weight else None
