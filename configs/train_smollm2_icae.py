@@ -2,6 +2,8 @@
 encoder compresses 128 tokens of an essay into `icae.num_slots` memory slots (16: 8x, 8: 16x), from
 which the frozen model reconstructs them and predicts the next 64 tokens (autoencoding and language
 modelling, equally weighted). Held-out essays (every 10th) are never trained on.
+`--config.icae.memory=kv` hands the decoder the encoder's KV entries at the memory tokens instead of
+the slots as input embeddings (500xCompressor, arXiv:2408.03094).
 
   python experiments/train.py --config=configs/train_smollm2_icae.py --workdir=runs/icae_m16
   python experiments/train.py --config=configs/train_smollm2_icae.py --config.icae.num_slots=8 \
@@ -16,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = base_config()
     config.task = "icae"
     config.icae = ml_collections.ConfigDict({"num_slots": 16, "context_tokens": 128, "ae_weight": 0.5,
-                                            "distill_weight": 0.0})
+                                            "distill_weight": 0.0, "memory": "embeddings"})
     config.model.name = "smollm2-135m-instruct"
     config.data.tokenizer = "model"
     config.data.corpus = "essays"

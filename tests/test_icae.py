@@ -1,6 +1,7 @@
 """ICAE (Ge et al., 2024): the memory slots are the LoRA encoder's final hidden states and carry the
-context; the decoder's cache of the slots continues like the training forward; the task trains the
-adapters and the learned tokens with the decoder frozen."""
+context (or, in 500xCompressor's "kv" form, the encoder's KV entries at the memory tokens); the
+decoder's cache of the memory continues like the training forward; the task trains the adapters and
+the learned tokens with the decoder frozen."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -30,18 +31,21 @@ def parts():
     return model, icae, initial, trained
 
 
-def test_the_memory_cache_continues_like_the_training_forward(parts):
-    model, icae, _, adapters = parts
+@pytest.mark.parametrize("memory, first_position", [("embeddings", 0), ("kv", 9)])
+def test_the_memory_cache_continues_like_the_training_forward(parts, memory, first_position):
+    model, _, _, adapters = parts
+    icae = ICAE(model, M, rngs=nnx.Rngs(0), memory=memory)
     encoder = lora_encoder(model, adapters, scale=2.0)
     rng = np.random.default_rng(0)
     context, continuation = rng.integers(1, 64, (2, 9)), rng.integers(1, 64, (2, 5))
     training = logits_of(encoder, model, icae, context, continuation)
-    assert training.shape == (2, M + 5, 64)
+    assert training.shape == (2, 1 + 5, 64)
     cache = compress_to_memory(encoder, model, icae, context, room=6)
-    assert cache.lengths.tolist() == [[[M, M]] * 2] * 2 and cache.num_seen.tolist() == [M, M]
-    assert cache.capacities == (M + 6, M + 6) and cache.positions[0][0, 0, :M].tolist() == [0, 1, 2]
+    assert cache.lengths.tolist() == [[[M, M]] * 2] * 2 and cache.num_seen.tolist() == [first_position + M] * 2
+    assert cache.capacities == (M + 6, M + 6)
+    assert cache.positions[0][0, 0, :M].tolist() == list(range(first_position, first_position + M))
     inference, _ = tc.prefill(model, continuation, cache=cache, all_logits=True)
-    np.testing.assert_allclose(inference, training[:, M:], atol=1e-5)
+    np.testing.assert_allclose(inference, training[:, 1:], atol=1e-5)
     generated = tc.generate_ids(model, continuation, max_new_tokens=1, cache=cache)
     assert [tokens[0] for tokens in generated.tokens] == np.argmax(training[:, -1], axis=-1).tolist()
 
@@ -104,10 +108,38 @@ def test_the_decoder_sees_the_context_only_through_the_slots(parts):
     assert abs(losses[0] - losses[1]) > 1e-5  # a context token reaches the continuation, through the slots
 
 
+@nnx.jit
+def _masked_oracle(encoder, decoder, icae, context, continuation):
+    """500xCompressor written out: the encoder's whole cache of [context, memory tokens], then the
+    decoder over the continuation with the context's slots masked out."""
+    (batch, n), c = context.shape, continuation.shape[1]
+    embeds = jnp.concatenate([encoder.embed_tokens(context), jnp.broadcast_to(
+        icae.memory_embeddings[...], (batch, M, 32))], axis=1)
+    ones = jnp.ones((batch, n + M), bool)
+    hidden, cache, _ = encoder(jnp.zeros((batch, n + M), jnp.int32), encoder.init_cache(batch, n + M + c), ones,
+                               inputs_embeds=embeds, return_hidden=True)
+    visible = jnp.broadcast_to(jnp.arange(n + M + c) >= n, (batch, c, n + M + c))
+    logits, _, _ = decoder(continuation, cache, jnp.ones((batch, c), bool), extra_mask=visible)
+    return jnp.concatenate([encoder.logits(hidden, 1), logits], axis=1)
+
+
+def test_kv_memory_is_the_encoders_entries_at_the_memory_tokens(parts):
+    model, _, _, adapters = parts
+    icae = ICAE(model, M, rngs=nnx.Rngs(0), memory="kv")
+    encoder = lora_encoder(model, adapters, scale=2.0)
+    context, continuation = jnp.arange(1, 10)[None].repeat(2, 0).at[1, 3].set(50), jnp.arange(20, 25)[None].repeat(2, 0)
+    training = logits_of(encoder, model, icae, context, continuation)
+    np.testing.assert_allclose(training, _masked_oracle(encoder, model, icae, context, continuation), atol=1e-5)
+    assert not np.allclose(training[0, 1:], training[1, 1:], atol=1e-4)  # the context reaches it, through the memory
+    with_decoder_as_encoder = logits_of(model, model, icae, context, continuation)
+    assert not np.allclose(training[:, 1:], with_decoder_as_encoder[:, 1:], atol=1e-4)  # the encoder's entries
+
+
 def _config(**icae):
     config = tiny_config({"task": "icae", "trainable": "none", "data.window": 24, "batch_size": 4, "steps": 5,
                           "optim.lr": 3e-2, "optim.warmup_steps": 1, "optim.weight_decay": 0.0, "lora.rank": 4})
-    config.icae = ml_collections.ConfigDict({"num_slots": 4, "context_tokens": 16, "ae_weight": 0.5, **icae})
+    config.icae = ml_collections.ConfigDict({"num_slots": 4, "context_tokens": 16, "ae_weight": 0.5,
+                                           "memory": "embeddings", **icae})
     return config
 
 
@@ -141,12 +173,27 @@ def test_the_task_trains_the_adapters_and_tokens_with_the_decoder_frozen():
             assert not np.array_equal(end["lora_a"], start["lora_a"])
 
 
+def test_the_kv_form_trains_without_the_autoencoding_forward():
+    trainer = Trainer(_config(memory="kv", ae_weight=0.0))
+    state, batch, losses = trainer.init_state(), trainer.batch(0), []
+    before = jax.device_get(state["trained"]["task"]["icae"])
+    for _ in range(5):
+        state, metrics = trainer.step(state, batch)
+        losses.append(float(metrics["loss"]))
+    after = jax.device_get(state["trained"]["task"]["icae"])
+    assert {"lm_loss", "lm_accuracy"} <= set(metrics) and not {"ae_loss", "ae_accuracy"} & set(metrics)
+    assert losses[-1] < losses[0] - 0.25
+    assert np.all(after["memory_embeddings"] != before["memory_embeddings"])
+    np.testing.assert_array_equal(after["ae_embedding"], before["ae_embedding"])  # no [AE] forward
+
+
 @pytest.mark.parametrize("change, field", [
     ({"trainable": "lora"}, "config.trainable"),
     ({"icae": None}, "config.icae"),
     ({"icae.num_slots": 0}, "config.icae.num_slots"),
     ({"icae.context_tokens": 24}, "config.data.window"),
     ({"icae.ae_weight": 1.5}, "config.icae.ae_weight"),
+    ({"icae.memory": "slots"}, "config.icae.memory"),
     ({"lora.rank": 0}, "config.lora.rank"),
     ({"lora.targets": ("q_proj", "qq_proj")}, "config.lora.targets"),
 ])
@@ -165,6 +212,8 @@ def test_bad_input_raises(parts):
     model, icae, _, _ = parts
     with pytest.raises(ValueError, match="num_slots"):
         ICAE(model, 0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="memory must be one of"):
+        ICAE(model, 2, rngs=nnx.Rngs(0), memory="slots")
     with pytest.raises(ValueError, match="context_ids must be integer token ids"):
         memory_slots(model, icae, [1, 2, 3])
     with pytest.raises(ValueError, match="context_ids must be integer token ids"):

@@ -8,7 +8,9 @@ the context, under the gist mask; the trained parameters are the gist embeddings
 with `config.trainable` "full" or "lora" ("none" trains the gists alone, the model frozen).
 
 icae (Ge et al., 2024, arXiv:2307.06945): a LoRA-adapted encoder turns the context into
-`config.icae.num_slots` memory slots that the frozen model decodes from (`tokcomp_jax.learned.icae`).
+`config.icae.num_slots` memory slots that the frozen model decodes from (`tokcomp_jax.learned.icae`);
+`config.icae.memory = "kv"` hands the decoder the encoder's KV entries at the slots instead
+(500xCompressor, arXiv:2408.03094).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import ml_collections
 from flax import nnx
 
 from tokcomp_jax.learned.gist import GistTokens, gist_loss
-from tokcomp_jax.learned.icae import ICAE, ICAEParams, icae_loss, lora_encoder
+from tokcomp_jax.learned.icae import ICAE, MEMORY_FORMS, ICAEParams, icae_loss, lora_encoder
 from tokcomp_jax.training.config import ConfigError, check_count, check_fraction, check_lora_fields, names
 from tokcomp_jax.training.lora import init_lora
 from tokcomp_jax.training.tasks import Task, register_task
@@ -72,8 +74,9 @@ def icae_task(config: ml_collections.ConfigDict) -> Task:
     """ICAE pretraining: each window's context compresses into `config.icae.num_slots` memory slots,
     from which the frozen model (`config.trainable` "none") reconstructs it (weight
     `config.icae.ae_weight`) and predicts the continuation (with context distillation by
-    `config.icae.distill_weight`, `icae_loss`). Trained: the memory and [AE] embeddings
-    and the encoder's LoRA adapters (`config.lora` rank, alpha and targets)."""
+    `config.icae.distill_weight`, `icae_loss`), reading the memory in the form `config.icae.memory`
+    ("embeddings" where absent, or "kv"). Trained: the memory and [AE] embeddings and the encoder's
+    LoRA adapters (`config.lora` rank, alpha and targets)."""
     if config.trainable != "none":
         raise ConfigError(f"config.trainable must be 'none' for task 'icae', got {config.trainable!r}: the decoder "
                           f"is the frozen model, and the encoder's LoRA adapters (config.lora) are the task's own.")
@@ -82,6 +85,9 @@ def icae_task(config: ml_collections.ConfigDict) -> Task:
     check_fraction(ae_weight, "icae.ae_weight")
     check_lora_fields(config)
     distill_weight = distill_weight_of(config, "icae")
+    memory = config.icae.get("memory", "embeddings")
+    if memory not in MEMORY_FORMS:
+        raise ConfigError(f"config.icae.memory must be one of {MEMORY_FORMS}, got {memory!r}.")
     scale = config.lora.alpha / config.lora.rank
 
     def init(config, model, tokenizer):
@@ -89,7 +95,8 @@ def icae_task(config: ml_collections.ConfigDict) -> Task:
         tokens_key, lora_key = jax.random.split(jax.random.key(config.seed))
         adapters = init_lora(nnx.to_pure_dict(nnx.state(model)), names(config.lora.targets), config.lora.rank,
                              lora_key)
-        return ICAEParams(ICAE(model, config.icae.num_slots, rngs=nnx.Rngs(params=tokens_key)), adapters)
+        icae = ICAE(model, config.icae.num_slots, rngs=nnx.Rngs(params=tokens_key), memory=memory)
+        return ICAEParams(icae, adapters)
 
     def loss(model, params, batch):
         context, continuation = split_window(config, "icae", batch)
