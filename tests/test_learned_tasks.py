@@ -140,12 +140,15 @@ def test_eval_script_scores_every_method_on_held_out_windows(gist_run, tmp_path)
     assert second["window_nll"]["knorm"] == result["window_nll"]["knorm"] and "streaming_llm" not in second["nll"]
 
 
-def test_a_trained_icae_exports_and_compresses_as_it_trained(tmp_path):
+@pytest.mark.parametrize("memory", ["embeddings", "kv"])
+def test_a_trained_icae_exports_and_compresses_as_it_trained(tmp_path, memory):
     config = tiny_config({"task": "icae", "trainable": "none", "steps": 2, "checkpoint.every": 2, "lora.rank": 4,
                           "optim.warmup_steps": 0})
-    config.icae = ml_collections.ConfigDict({"num_slots": 4, "context_tokens": CONTEXT, "ae_weight": 0.5})
+    config.icae = ml_collections.ConfigDict({"num_slots": 4, "context_tokens": CONTEXT, "ae_weight": 0.5,
+                                             "memory": memory})
     train(config, str(tmp_path / "run"))
     trained = load_trained(export_trained(str(tmp_path / "run"), str(tmp_path / "icae.safetensors")))
+    assert trained.task_params.icae.memory == memory
     trainer = Trainer(config)
     state = Checkpoints(str(tmp_path / "run" / "checkpoints"), max_to_keep=2).restore(2, trainer.abstract_state())
     batch = trainer.batch(0)
