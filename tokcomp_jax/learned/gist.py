@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from tokcomp_jax.cache import KVCache
+from tokcomp_jax.cache import KVCache, LayerCache
 from tokcomp_jax.generation import prefill
 from tokcomp_jax.learned.distill import continuation_objective, teacher_logits
 from tokcomp_jax.learned.gist_mask import gist_mask
@@ -123,6 +123,12 @@ def gist_press(gists: GistTokens) -> Press:
     return Press(init=no_state, compress=_keep_latest(gists.num_tokens), suffix=gists)
 
 
+def keep_latest(layer: LayerCache, k: int, room: int) -> LayerCache:
+    """Each row's and KV head's latest k entries (learned tokens appended last), in a cache of
+    k + `room` slots."""
+    return keep_top(layer, layer.positions, jnp.minimum(layer.lengths, k), k + room)
+
+
 @functools.cache
 def _keep_latest(k: int):
     """A press's compress that keeps each row's latest k entries (the gists) after the last chunk."""
@@ -130,7 +136,7 @@ def _keep_latest(k: int):
         del extra
         if not obs.last_chunk:
             return layer, state
-        return keep_top(layer, layer.positions, jnp.minimum(layer.lengths, k), k + obs.room), state
+        return keep_latest(layer, k, obs.room), state
     return compress
 
 

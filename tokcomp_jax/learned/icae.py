@@ -23,9 +23,8 @@ from jaxtyping import Array, Float, Int
 
 from tokcomp_jax.cache import KVCache
 from tokcomp_jax.learned.distill import continuation_loss, continuation_objective, teacher_logits
-from tokcomp_jax.learned.gist import check_pair, check_token_ids, new_token_embeddings
+from tokcomp_jax.learned.gist import check_pair, check_token_ids, keep_latest, new_token_embeddings
 from tokcomp_jax.models.llama import Llama
-from tokcomp_jax.presses.base import keep_top
 from tokcomp_jax.training.lora import merge_lora
 
 MEMORY_FORMS = ("embeddings", "kv")
@@ -74,17 +73,23 @@ def lora_encoder(model: Llama, adapters: Mapping, scale: float) -> Llama:
     return nnx.merge(graphdef, merge_lora(nnx.to_pure_dict(state), adapters, scale))
 
 
+def _over_embeds(model: Llama, embeds: Float[Array, "B T E"], cache: KVCache) -> tuple[Float[Array, "B T E"], KVCache]:
+    """`model` over input embeddings after what `cache` holds: its final hidden states (after the
+    last RMSNorm, the reference code's `hidden_states[-1]`) and the cache with them."""
+    batch, steps = embeds.shape[:2]
+    hidden, cache, _ = model(jnp.zeros((batch, steps), jnp.int32), cache, jnp.ones((batch, steps), bool),
+                             inputs_embeds=embeds, return_hidden=True)
+    return hidden, cache
+
+
 def _encode(encoder: Llama, icae: ICAE, context_ids: Int[Array, "B n"]) -> tuple[Float[Array, "B n+m E"], KVCache]:
     """The encoder over [context, memory tokens] at positions 0 .. n + m - 1: its final hidden states
-    (after the last RMSNorm, the reference code's `hidden_states[-1]`) and its cache."""
+    and its cache."""
     context_ids = check_token_ids("context_ids", context_ids)
     batch, m = context_ids.shape[0], icae.num_slots
     memory = jnp.broadcast_to(icae.memory_embeddings[...], (batch, m, icae.memory_embeddings.shape[1]))
     embeds = jnp.concatenate([encoder.embed_tokens(context_ids), memory], axis=1)
-    steps = embeds.shape[1]
-    hidden, cache, _ = encoder(jnp.zeros((batch, steps), jnp.int32), encoder.init_cache(batch, steps),
-                               jnp.ones((batch, steps), bool), inputs_embeds=embeds, return_hidden=True)
-    return hidden, cache
+    return _over_embeds(encoder, embeds, encoder.init_cache(batch, embeds.shape[1]))
 
 
 def memory_slots(encoder: Llama, icae: ICAE, context_ids: Int[Array, "B n"]) -> Float[Array, "B m E"]:
@@ -101,21 +106,21 @@ def memory_cache(encoder: Llama, decoder: Llama, icae: ICAE, context_ids: Int[Ar
     hidden, cache = _encode(encoder, icae, context_ids)
     m = icae.num_slots
     if icae.memory == "kv":
-        layers = tuple(keep_top(layer, layer.positions, jnp.minimum(layer.lengths, m), m + room)
-                       for layer in cache.layers)
+        layers = tuple(keep_latest(layer, m, room) for layer in cache.layers)
         return KVCache(layers, cache.num_seen), encoder.logits(hidden, 1)
-    batch = hidden.shape[0]
-    hidden, cache, _ = decoder(jnp.zeros((batch, m), jnp.int32), decoder.init_cache(batch, m + room),
-                               jnp.ones((batch, m), bool), inputs_embeds=hidden[:, -m:], return_hidden=True)
+    hidden, cache = _over_embeds(decoder, hidden[:, -m:], decoder.init_cache(hidden.shape[0], m + room))
     return cache, decoder.logits(hidden, 1)
 
 
 def _read(decoder: Llama, cache: KVCache, embeds: Float[Array, "B T E"]) -> Float[Array, "B T V"]:
     """The decoder's logits over `embeds`, read after the memory in `cache`."""
-    batch, steps = embeds.shape[:2]
-    hidden, _, _ = decoder(jnp.zeros((batch, steps), jnp.int32), cache, jnp.ones((batch, steps), bool),
-                           inputs_embeds=embeds, return_hidden=True)
-    return decoder.logits(hidden)
+    return decoder.logits(_over_embeds(decoder, embeds, cache)[0])
+
+
+def _continuation_logits(decoder: Llama, cache: KVCache, first: Float[Array, "B 1 V"],
+                         continuation_ids: Int[Array, "B c"]) -> Float[Array, "B 1+c V"]:
+    """The last memory position's logits (`first`) and the decoder's over the continuation."""
+    return jnp.concatenate([first, _read(decoder, cache, decoder.embed_tokens(continuation_ids))], axis=1)
 
 
 def icae_logits(encoder: Llama, decoder: Llama, icae: ICAE, context_ids: Int[Array, "B n"],
@@ -124,7 +129,7 @@ def icae_logits(encoder: Llama, decoder: Llama, icae: ICAE, context_ids: Int[Arr
     modelling objective's forward), in which the decoder sees the context only through the memory."""
     context_ids, continuation_ids = check_pair(context_ids, continuation_ids)
     cache, first = memory_cache(encoder, decoder, icae, context_ids, continuation_ids.shape[1])
-    return jnp.concatenate([first, _read(decoder, cache, decoder.embed_tokens(continuation_ids))], axis=1)
+    return _continuation_logits(decoder, cache, first, continuation_ids)
 
 
 def icae_loss(encoder: Llama, decoder: Llama, icae: ICAE, context_ids: Int[Array, "B n"],
@@ -140,7 +145,7 @@ def icae_loss(encoder: Llama, decoder: Llama, icae: ICAE, context_ids: Int[Array
     context_ids, continuation_ids = check_pair(context_ids, continuation_ids)
     (batch, n), c = context_ids.shape, continuation_ids.shape[1]
     cache, first = memory_cache(encoder, decoder, icae, context_ids, max(c, n + 1) if ae_weight else c)
-    logits = jnp.concatenate([first, _read(decoder, cache, decoder.embed_tokens(continuation_ids))], axis=1)
+    logits = _continuation_logits(decoder, cache, first, continuation_ids)
     teacher = teacher_logits(decoder, context_ids, continuation_ids) if distill_weight else None
     lm, lm_metrics = continuation_objective(logits, continuation_ids, teacher, distill_weight)
     metrics = {"lm_loss": lm, **{f"lm_{name}": value for name, value in lm_metrics.items()}}
