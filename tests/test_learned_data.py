@@ -19,6 +19,20 @@ def test_batches_are_a_function_of_the_step():
     assert not np.array_equal(windows.batch(0), PackedWindows(windows.tokens, 10, 4, seed=4).batch(0))
 
 
+def test_shifted_windows_start_each_later_epoch_at_a_new_offset():
+    windows = PackedWindows(np.arange(1000, dtype=np.int32), window=10, batch_size=4, seed=3, shift=True)
+    assert windows.num_windows == 99 and windows.steps_per_epoch == 24  # room for any offset in [0, 10)
+    starts = [np.concatenate([windows.batch(epoch * 24 + step) for step in range(24)])[:, 0] for epoch in range(4)]
+    np.testing.assert_array_equal(starts[0] % 10, 0)  # the first epoch is unshifted
+    offsets = [int(epoch_starts[0] % 10) for epoch_starts in starts]
+    for epoch_starts, offset in zip(starts, offsets):
+        np.testing.assert_array_equal(epoch_starts % 10, offset)  # one offset per epoch
+        assert len(set(epoch_starts.tolist())) == 96  # distinct windows
+    assert len(set(offsets[1:])) > 1  # a new cut in later epochs
+    assert np.all(np.diff(windows.batch(30), axis=1) == 1)
+    np.testing.assert_array_equal(windows.batch(50), PackedWindows(windows.tokens, 10, 4, 3, shift=True).batch(50))
+
+
 def test_processes_read_disjoint_rows_of_the_global_batch():
     windows = PackedWindows(np.arange(960, dtype=np.int32), window=8, batch_size=6)
     parts = [windows.batch(5, process_index=i, process_count=3) for i in range(3)]

@@ -228,6 +228,15 @@ def test_bad_config_values_fail_before_anything_runs(tmp_path, overrides, field)
     assert not (tmp_path / "run").exists()
 
 
+def test_shift_windows_shifts_the_training_windows_only():
+    config = tiny_config({"data.shift_windows": True})
+    tokenizer = Trainer(config).tokenizer
+    train_windows, held_out = lm_windows(config, tokenizer, "train"), lm_windows(config, tokenizer, "held_out")
+    assert train_windows.windows.shift and not held_out.windows.shift
+    unshifted = lm_windows(tiny_config({}), tokenizer, "held_out")
+    np.testing.assert_array_equal(held_out.batch(0)["ids"], unshifted.batch(0)["ids"])
+
+
 def test_bad_mesh_fails_before_the_model_loads(tmp_path):
     with pytest.raises(ConfigError, match=r"config\.mesh: .*3 devices"):
         Trainer(tiny_config({"mesh.data": 3}))

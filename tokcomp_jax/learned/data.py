@@ -3,7 +3,9 @@
 A corpus's documents (see `tc.evaluation.tasks.corpus_documents`) are split into training and
 held-out documents (every `held_out_every`-th one is held out, so evaluation text is never trained
 on), tokenized, joined with the end-of-sequence token and cut into windows of a fixed length.
-Each epoch visits the windows in a permutation drawn from `(seed, epoch)`, so batch `step` is a
+Each epoch visits the windows in a permutation drawn from `(seed, epoch)` (and, with `shift`, cuts
+the stream at an offset drawn from them, so that later epochs split the text into new contexts
+and continuations rather than repeat the first epoch's windows), so batch `step` is a
 pure function of the step: the pipeline's whole state is the step a checkpoint stores, and a
 resumed run reads exactly the batches an uninterrupted one would. In a multi-process run every
 process takes its own rows of the global batch.
@@ -43,13 +45,16 @@ def tokenize_documents(tokenizer: Tokenizer, documents: Sequence[str]) -> np.nda
 class PackedWindows:
     """Fixed-length windows of a token stream, served in seeded batches.
 
-    tokens: `[n]` the stream; window: tokens per example; batch_size: examples per global batch.
+    tokens: `[n]` the stream; window: tokens per example; batch_size: examples per global batch;
+    shift: every epoch after the first starts its windows at an offset in [0, window) drawn from
+    `(seed, epoch)` (the first epoch's is 0).
     """
 
     tokens: np.ndarray
     window: int
     batch_size: int
     seed: int = 0
+    shift: bool = False
 
     def __post_init__(self):
         if self.window < 2:
@@ -62,7 +67,8 @@ class PackedWindows:
 
     @property
     def num_windows(self) -> int:
-        return len(self.tokens) // self.window
+        """Windows per epoch: as many as fit after the largest offset when `shift` is on."""
+        return (len(self.tokens) - (self.window - 1 if self.shift else 0)) // self.window
 
     @property
     def steps_per_epoch(self) -> int:
@@ -77,14 +83,16 @@ class PackedWindows:
             raise ValueError(f"batch_size {self.batch_size} must split evenly over {process_count} processes, and "
                              f"process_index must be in [0, {process_count}); got {process_index}.")
         epoch, index = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.num_windows)
+        offset = int(rng.integers(self.window)) if self.shift and epoch else 0
         rows = self.batch_size // process_count
         picks = order[index * self.batch_size:][process_index * rows:(process_index + 1) * rows]
-        return self.tokens[picks[:, None] * self.window + np.arange(self.window)]
+        return self.tokens[offset + picks[:, None] * self.window + np.arange(self.window)]
 
 
 def corpus_windows(tokenizer: Tokenizer, corpus: str, split: str, window: int, batch_size: int, *, seed: int = 0,
-                   held_out_every: int = 10) -> PackedWindows:
+                   held_out_every: int = 10, shift: bool = False) -> PackedWindows:
     """`PackedWindows` over the `split` documents of `corpus` ("essays", "shakespeare", "python")."""
     documents = split_documents(corpus_documents(corpus), split, held_out_every)
-    return PackedWindows(tokenize_documents(tokenizer, documents), window, batch_size, seed)
+    return PackedWindows(tokenize_documents(tokenizer, documents), window, batch_size, seed, shift)

@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.tokenizer = "model"        # "model": the loaded model's; "bytes": UTF-8 bytes (ByteTokenizer)
     c.data.window = 64                # tokens per row; the LM task predicts the last window - 1 of them
     c.data.held_out_every = 10        # every n-th document is held out of training
+    c.data.shift_windows = False      # later epochs cut the training windows at a new offset each
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 3e-4                 # peak learning rate

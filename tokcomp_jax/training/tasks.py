@@ -34,9 +34,11 @@ from tokcomp_jax.training.data import DataSource, TokenWindows
 
 
 def lm_windows(config: ml_collections.ConfigDict, tokenizer, split: str) -> DataSource:
-    """`{"ids": [rows, config.data.window]}` batches of `config.data.corpus`'s `split` documents."""
+    """`{"ids": [rows, config.data.window]}` batches of `config.data.corpus`'s `split` documents; the
+    training split's windows shift each epoch with `config.data.shift_windows`."""
     return TokenWindows(corpus_windows(tokenizer, config.data.corpus, split, config.data.window, config.batch_size,
-                                       seed=config.seed, held_out_every=config.data.held_out_every))
+                                       seed=config.seed, held_out_every=config.data.held_out_every,
+                                       shift=config.data.shift_windows and split == "train"))
 
 
 @dataclasses.dataclass(frozen=True)
