@@ -55,6 +55,7 @@ COMPRESS = {
 }
 BUDGET_FIELD = {"gist": "num_tokens", "icae": "num_slots"}
 BASELINES = ("no context", "full context", "no context, trained model")
+WINDOW_FIELDS = ("corpus", "tokenizer", "window", "held_out_every")  # the config.data fields held_out_windows reads
 
 
 def held_out_windows(tokenizer, config) -> np.ndarray:
@@ -87,8 +88,8 @@ def evaluate(path: str, previous: list[dict]) -> dict:
     n, budget = fields.context_tokens, fields[BUDGET_FIELD[config.task]]
     base, tokenizer = load_model(config)
     windows = held_out_windows(tokenizer, config)
-    setup = {"model": config.model.to_dict(), "data": config.data.to_dict(), "context_tokens": n, "budget": budget,
-             "windows": len(windows)}
+    setup = {"model": config.model.to_dict(), "data": {key: config.data[key] for key in WINDOW_FIELDS},
+             "context_tokens": n, "budget": budget, "windows": len(windows)}
     reused = next((r["window_nll"] for r in previous if _REUSE.value and r.get("setup") == setup), {})
 
     def pressed(name):

@@ -9,6 +9,8 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 import tokcomp_jax as tc
 from tokcomp_jax.evaluation import continuation_nll
@@ -138,6 +140,17 @@ def test_eval_script_scores_every_method_on_held_out_windows(gist_run, tmp_path)
     assert reused == ["context", "context", "knorm"]  # no context, full context, knorm
     (second,) = json.loads((tmp_path / "results.json").read_text())
     assert second["window_nll"]["knorm"] == result["window_nll"]["knorm"] and "streaming_llm" not in second["nll"]
+
+    # So are they for a file whose run read the same held-out windows but trained differently.
+    with safe_open(path, "np") as f:
+        metadata, arrays = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+    config = json.loads(metadata["config"])
+    config["data"]["shift_windows"] = True
+    shifted = str(tmp_path / "shifted.safetensors")
+    save_file(arrays, shifted, metadata={**metadata, "config": json.dumps(config)})
+    third = eval_compressors(shifted, tmp_path, "knorm")
+    assert [line.split(":")[0].split()[-1] for line in third.splitlines() if line.endswith("(reused)")] == [
+        "context", "context", "knorm"]
 
 
 @pytest.mark.parametrize("memory", ["embeddings", "kv"])

@@ -271,3 +271,10 @@ def test_a_run_resumes_only_with_a_config_that_computes_the_same(tmp_path):
                                    "eval_every": 5}), str(tmp_path))
     with pytest.raises(ConfigError, match=r"differs in optim\.lr, steps;"):
         check_same_run(tiny_config({**RUN, "steps": 30, "optim.lr": 1e-3}), str(tmp_path))
+    # A run saved before a field existed resumes with the field at its default, and only then.
+    saved = json.loads(tiny_config(RUN).to_json())
+    del saved["data"]["shift_windows"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    check_same_run(tiny_config(RUN), str(tmp_path))
+    with pytest.raises(ConfigError, match=r"differs in data\.shift_windows;"):
+        check_same_run(tiny_config({**RUN, "data.shift_windows": True}), str(tmp_path))

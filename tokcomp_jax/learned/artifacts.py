@@ -9,7 +9,6 @@ model and the task's parameters, ready for `gist_press` and friends.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -20,19 +19,12 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from tokcomp_jax.training.checkpoint import Checkpoints
-from tokcomp_jax.training.config import base_config, check_config
+from tokcomp_jax.training.config import check_config, config_from_json
 from tokcomp_jax.training.loop import CHECKPOINT_DIR, CONFIG_FILE, Trainer, flatten_dict, load_model
 from tokcomp_jax.training.lora import merge_lora
 from tokcomp_jax.training.tasks import make_task
 
 SEPARATOR = "/"
-
-
-def config_from_json(text: str) -> ml_collections.ConfigDict:
-    """A run's saved config, with the defaults of fields added since it ran."""
-    config = base_config()
-    config.update(json.loads(text))
-    return config
 
 
 @dataclasses.dataclass

@@ -6,6 +6,7 @@ name the field.
 """
 from __future__ import annotations
 
+import json
 import numbers
 
 import ml_collections
@@ -72,6 +73,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.max_to_keep = 3
     c.checkpoint.async_save = True
     return c
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+    """A run's saved config, with the defaults of fields added since it ran."""
+    config = base_config()
+    config.update(json.loads(text))
+    return config
 
 
 def names(value) -> tuple[str, ...]:

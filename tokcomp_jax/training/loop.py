@@ -34,7 +34,7 @@ from tokcomp_jax.models.llama import Llama
 from tokcomp_jax.sharding import activation_sharding, make_mesh, param_shardings, shardings_like
 from tokcomp_jax.testing import tiny_llama
 from tokcomp_jax.training.checkpoint import Checkpoints, abstract_like
-from tokcomp_jax.training.config import ConfigError, check_config, names
+from tokcomp_jax.training.config import ConfigError, check_config, config_from_json, names
 from tokcomp_jax.training.data import ByteTokenizer, DataSource, batch_shardings, global_batch
 from tokcomp_jax.training.lora import init_lora
 from tokcomp_jax.training.metrics import MetricsLog, format_record
@@ -219,12 +219,13 @@ def flatten_dict(tree: dict, separator: str = ".", prefix: str = "") -> dict:
 
 def check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Raises if `workdir/config.json` differs from `config` but for fields that don't change what
-    is computed, so that a run never resumes from another run's checkpoints."""
+    is computed, so that a run never resumes from another run's checkpoints (fields added since it
+    ran count at their defaults)."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return
     with open(path) as f:
-        previous = flatten_dict(json.load(f))
+        previous = flatten_dict(json.loads(config_from_json(f.read()).to_json()))
     current = flatten_dict(json.loads(config.to_json()))
     changed = sorted(key for key in current.keys() | previous.keys()
                      if current.get(key) != previous.get(key) and not key.startswith(RESUMABLE_FIELDS))
