@@ -153,6 +153,15 @@ def test_eval_script_scores_every_method_on_held_out_windows(gist_run, tmp_path)
         "context", "context", "knorm"]
 
 
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "compressors").glob("*.safetensors")))
+def test_committed_compressors_carry_their_context_on_held_out_essays(path, tmp_path):
+    eval_compressors(path, tmp_path, "observed_attention")
+    (result,) = json.loads((tmp_path / "results.json").read_text())
+    nll = result["nll"]
+    assert nll["full context"] < nll[f"{result['task']} (trained)"] < nll["no context"] - 0.3
+    assert result["setup"]["model"]["name"] == "smollm2-135m-instruct"
+
+
 @pytest.mark.parametrize("memory", ["embeddings", "kv"])
 def test_a_trained_icae_exports_and_compresses_as_it_trained(tmp_path, memory):
     config = tiny_config({"task": "icae", "trainable": "none", "steps": 2, "checkpoint.every": 2, "lora.rank": 4,
