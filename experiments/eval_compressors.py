@@ -58,10 +58,16 @@ BASELINES = ("no context", "full context", "no context, trained model")
 WINDOW_FIELDS = ("corpus", "tokenizer", "window", "held_out_every")  # the config.data fields held_out_windows reads
 
 
+def window_fields(config) -> dict:
+    """The run's config.data fields that decide its held-out windows."""
+    return {key: config.data[key] for key in WINDOW_FIELDS}
+
+
 def held_out_windows(tokenizer, config) -> np.ndarray:
-    """`[N, window]` consecutive windows of the run's held-out documents."""
-    windows = corpus_windows(tokenizer, config.data.corpus, "held_out", config.data.window, 1,
-                             held_out_every=config.data.held_out_every)
+    """`[N, window]` consecutive windows of the run's held-out documents (cut by WINDOW_FIELDS)."""
+    data = window_fields(config)
+    windows = corpus_windows(tokenizer, data["corpus"], "held_out", data["window"], 1,
+                             held_out_every=data["held_out_every"])
     count = windows.num_windows if _MAX_WINDOWS.value is None else min(_MAX_WINDOWS.value, windows.num_windows)
     return windows.tokens[:count * windows.window].reshape(count, windows.window)
 
@@ -88,7 +94,7 @@ def evaluate(path: str, previous: list[dict]) -> dict:
     n, budget = fields.context_tokens, fields[BUDGET_FIELD[config.task]]
     base, tokenizer = load_model(config)
     windows = held_out_windows(tokenizer, config)
-    setup = {"model": config.model.to_dict(), "data": {key: config.data[key] for key in WINDOW_FIELDS},
+    setup = {"model": config.model.to_dict(), "data": window_fields(config),
              "context_tokens": n, "budget": budget, "windows": len(windows)}
     reused = next((r["window_nll"] for r in previous if _REUSE.value and r.get("setup") == setup), {})
 

@@ -17,8 +17,8 @@ import pytest
 from flax import nnx
 
 from tokcomp_jax.testing import tiny_llama
-from tokcomp_jax.training import (Checkpoints, ConfigError, Task, Trainer, decay_mask, read_metrics, register_task,
-                                  train)
+from tokcomp_jax.training import (ByteTokenizer, Checkpoints, ConfigError, Task, Trainer, decay_mask, read_metrics,
+                                  register_task, train)
 from tokcomp_jax.training.loop import check_same_run
 from tokcomp_jax.training.metrics import MetricsLog
 from tokcomp_jax.training.tasks import lm_windows
@@ -229,8 +229,7 @@ def test_bad_config_values_fail_before_anything_runs(tmp_path, overrides, field)
 
 
 def test_shift_windows_shifts_the_training_windows_only():
-    config = tiny_config({"data.shift_windows": True})
-    tokenizer = Trainer(config).tokenizer
+    config, tokenizer = tiny_config({"data.shift_windows": True}), ByteTokenizer()
     train_windows, held_out = lm_windows(config, tokenizer, "train"), lm_windows(config, tokenizer, "held_out")
     assert train_windows.windows.shift and not held_out.windows.shift
     unshifted = lm_windows(tiny_config({}), tokenizer, "held_out")
