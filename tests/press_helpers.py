@@ -5,9 +5,11 @@ RAGGED = (40, 17, 64, 29)  # row lengths of ragged batches
 EIGHT_ROWS = (40, 17, 64, 29, 51, 12, 33, 60)  # a batch of 8 rows of different lengths
 
 
-def random_rows(lengths, seed=0, vocab=64):
-    """Rows of random token ids of the given lengths."""
+def random_rows(lengths, seed=0, vocab=64, distinct=False):
+    """Rows of random token ids of the given lengths; with `distinct`, no id repeats within a row."""
     rng = np.random.default_rng(seed)
+    if distinct:
+        return [rng.permutation(vocab)[:n].tolist() for n in lengths]
     return [rng.integers(0, vocab, n).tolist() for n in lengths]
 
 
