@@ -9,6 +9,8 @@ def random_rows(lengths, seed=0, vocab=64, distinct=False):
     """Rows of random token ids of the given lengths; with `distinct`, no id repeats within a row."""
     rng = np.random.default_rng(seed)
     if distinct:
+        if max(lengths) > vocab:
+            raise ValueError(f"distinct rows need vocab >= the longest row ({max(lengths)}), got vocab={vocab}.")
         return [rng.permutation(vocab)[:n].tolist() for n in lengths]
     return [rng.integers(0, vocab, n).tolist() for n in lengths]
 
