@@ -221,11 +221,26 @@ def test_sharded_runs_match_one_device(run_a, tmp_path):
     ({"trainable": "none"}, "config.trainable"),
     ({"eval_every": -1}, "config.eval_every"),
     ({"eval_batches": 0}, "config.eval_batches"),
+    ({"init_from": "no_such_run"}, "config.init_from"),
 ])
 def test_bad_config_values_fail_before_anything_runs(tmp_path, overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         train(tiny_config(overrides), str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_init_from_starts_from_another_runs_trained_parameters_with_a_new_optimizer_state(run_a, tmp_path):
+    config = tiny_config({**RUN, "steps": 3, "optim.warmup_steps": 1, "init_from": str(run_a)})
+    trainer = Trainer(config)
+    state = trainer.init_state()
+    newest = Checkpoints(str(run_a / "checkpoints"), max_to_keep=2).restore(20, trainer.abstract_state())
+    jax.tree.map(np.testing.assert_array_equal, state["trained"], newest["trained"])
+    assert not any(np.any(leaf) for leaf in jax.tree.leaves(state["opt_state"]))  # zero moments, zero count
+    train(config, str(tmp_path / "warm"))
+    assert losses(tmp_path / "warm")[0] < losses(run_a)[0] - 1.0  # starts where run_a ended, not afresh
+    with pytest.raises(ConfigError, match=r"config\.init_from: the checkpoint at step 20 .* holds other trained "
+                                          r"parameters than this run's: model/embed_tokens/embedding, "):
+        Trainer(tiny_config({**RUN, "trainable": "lora", "init_from": str(run_a)})).init_state()
 
 
 def test_shift_windows_shifts_the_training_windows_only():

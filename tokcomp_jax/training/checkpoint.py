@@ -41,6 +41,33 @@ class Checkpoints:
         self.manager.close()
 
 
+def restore_trained(directory: str, abstract_trained):
+    """The trained parameters (the state's "trained", without the optimizer state) of the newest
+    finished checkpoint in `directory`, placed like `abstract_trained`; raises `FileNotFoundError`
+    if there is none and `ValueError` if its parameters' names or shapes differ."""
+    steps = [int(name) for name in os.listdir(directory) if name.isdigit()] if os.path.isdir(directory) else []
+    if not steps:
+        raise FileNotFoundError(f"{directory} holds no finished checkpoint.")
+    path = os.path.join(os.path.abspath(directory), str(max(steps)), "default")
+    checkpointer = ocp.PyTreeCheckpointer()
+    saved, wanted = (_shapes(tree) for tree in (checkpointer.metadata(path).item_metadata.tree["trained"],
+                                                abstract_trained))
+    if saved != wanted:
+        differ = sorted(name for name in saved.keys() | wanted.keys() if saved.get(name) != wanted.get(name))
+        raise ValueError(f"the checkpoint at step {max(steps)} in {directory} holds other trained parameters than "
+                         f"this run's: {', '.join(differ[:5])}{', ...' if len(differ) > 5 else ''} differ.")
+    item = {"trained": abstract_trained}
+    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=True)
+    return checkpointer.restore(path, args=args)["trained"]
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    """Each leaf's shape by its "/"-joined path (a checkpoint's metadata names list indices as strings)."""
+    return {"/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def abstract_like(tree, shardings):
     """`jax.ShapeDtypeStruct`s of `tree`'s arrays with `shardings`, a restore target."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

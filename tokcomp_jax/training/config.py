@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 
 import ml_collections
 
@@ -36,6 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 1                   # updates between metrics lines
     c.eval_every = 0                  # updates between held-out evaluations (and after the last); 0: none
     c.eval_batches = 4                # held-out batches of batch_size rows per evaluation (the same each time)
+    c.init_from = ""                  # a run's workdir: its newest checkpoint's trained parameters start this
+                                      # run (with a new optimizer state and schedule); "": fresh parameters
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "tiny"             # "tiny" (tc.testing.tiny_llama) or a name/path for tc.load
@@ -130,6 +133,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
              f"one of {COMPUTE_DTYPES}")
     _require(_is_int(config.seed) and config.seed >= 0, "seed", config.seed, "an integer >= 0")
     _require(isinstance(config.remat, bool), "remat", config.remat, "True or False")
+    _require(isinstance(config.init_from, str) and (not config.init_from or os.path.isdir(
+        os.path.join(config.init_from, "checkpoints"))), "init_from", config.init_from,
+        "'' or the workdir of an earlier run, which holds checkpoints/")
     for field in ("steps", "batch_size", "grad_accum_steps", "log_every", "eval_batches"):
         check_count(config[field], field)
     _require(_is_int(config.eval_every) and config.eval_every >= 0, "eval_every", config.eval_every,

@@ -33,7 +33,7 @@ from tokcomp_jax.checkpoints import load
 from tokcomp_jax.models.llama import Llama
 from tokcomp_jax.sharding import activation_sharding, make_mesh, param_shardings, shardings_like
 from tokcomp_jax.testing import tiny_llama
-from tokcomp_jax.training.checkpoint import Checkpoints, abstract_like
+from tokcomp_jax.training.checkpoint import Checkpoints, abstract_like, restore_trained
 from tokcomp_jax.training.config import ConfigError, check_config, config_from_json, names
 from tokcomp_jax.training.data import ByteTokenizer, DataSource, batch_shardings, global_batch
 from tokcomp_jax.training.lora import init_lora
@@ -174,13 +174,20 @@ class Trainer:
         return {f"eval_{name}": float(np.mean([result[name] for result in results])) for name in results[0]}
 
     def init_state(self) -> dict:
-        """The state before the first update, on the mesh; once per trainer, as it frees the host's
-        copy of the initial parameters."""
+        """The state before the first update, on the mesh: the trained parameters of the newest
+        checkpoint of `config.init_from` if set, else the initial ones; once per trainer, as it
+        frees the host's copy of the initial parameters."""
         if self._initial is None:
             raise RuntimeError("Trainer.init_state makes the first state once and then frees the initial parameters; "
                                "build a new Trainer for another.")
-        # may_alias=False: the step donates the state, which must not share memory with the host copy.
-        trained = jax.device_put(self._initial, self.trained_shardings, may_alias=False)
+        if self.config.init_from:
+            try:
+                trained = restore_trained(os.path.join(self.config.init_from, CHECKPOINT_DIR),
+                                          self.abstract_state()["trained"])
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"config.init_from: {e}") from e
+        else:  # may_alias=False: the step donates the state, which must not share memory with the host copy.
+            trained = jax.device_put(self._initial, self.trained_shardings, may_alias=False)
         self._initial = None
         return {"trained": trained, "opt_state": jax.jit(self._tx.init, out_shardings=self.opt_shardings)(trained)}
 
@@ -250,8 +257,8 @@ class _Throughput:
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           on_step: Callable[[int, dict], None] | None = None) -> dict:
-    """Trains for `config.steps` updates, resuming from the newest checkpoint in `workdir`; returns
-    the final state.
+    """Trains for `config.steps` updates, resuming from the newest checkpoint in `workdir` (a new
+    workdir starts from `config.init_from`'s trained parameters if set); returns the final state.
 
     `workdir` gets `config.json`, `checkpoints/` (every `config.checkpoint.every` updates and the
     last) and `metrics.jsonl` (every `config.log_every` updates: step, loss, grad_norm, lr,
