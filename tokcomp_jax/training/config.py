@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import numbers
-import os
 
 import ml_collections
 
@@ -133,9 +132,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
              f"one of {COMPUTE_DTYPES}")
     _require(_is_int(config.seed) and config.seed >= 0, "seed", config.seed, "an integer >= 0")
     _require(isinstance(config.remat, bool), "remat", config.remat, "True or False")
-    _require(isinstance(config.init_from, str) and (not config.init_from or os.path.isdir(
-        os.path.join(config.init_from, "checkpoints"))), "init_from", config.init_from,
-        "'' or the workdir of an earlier run, which holds checkpoints/")
+    _require(isinstance(config.init_from, str), "init_from", config.init_from, "'' or an earlier run's workdir")
     for field in ("steps", "batch_size", "grad_accum_steps", "log_every", "eval_batches"):
         check_count(config[field], field)
     _require(_is_int(config.eval_every) and config.eval_every >= 0, "eval_every", config.eval_every,

@@ -265,6 +265,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     tokens_per_s and the task's metrics; every `config.eval_every`: the held-out `Trainer.evaluate`).
     `on_step(step, state)` runs after each update.
     """
+    fresh = not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR))
+    if fresh and config.init_from and not os.path.isdir(os.path.join(config.init_from, CHECKPOINT_DIR)):
+        raise ConfigError(f"config.init_from must be the workdir of an earlier run, which holds {CHECKPOINT_DIR}/; "
+                          f"{config.init_from!r} does not.")
     trainer = Trainer(config)
     checkpoints = Checkpoints(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=config.checkpoint.max_to_keep,
                               async_save=config.checkpoint.async_save)
