@@ -37,6 +37,7 @@ from tokcomp_jax.testing import TINY_CONFIG
 from tokcomp_jax.training.config import names
 from tokcomp_jax.training.lora import init_lora
 from tokcomp_jax.training.optim import make_optimizer
+from tokcomp_jax.training.tasks import make_task
 
 GIB = 2 ** 30
 TASKS = ("lm", "gist")
@@ -161,8 +162,8 @@ def state_bytes(config: ml_collections.ConfigDict, c: ModelConfig, mesh: dict[st
     if config.task == "gist":
         task = {"embeddings": jax.ShapeDtypeStruct((config.gist.num_tokens, c.hidden_size), jnp.float32)}
         no_decay, extra_axes = ("embeddings",), GIST_AXES
-    if config.trainable == "full":
-        model, frozen = base, {}
+    if config.trainable == "full":  # a task that reads the base model keeps a frozen copy of it
+        model, frozen = base, _as(base, compute) if make_task(config).reads_base_model else {}
     elif config.trainable == "lora":
         targets = names(config.lora.targets)
         model = jax.eval_shape(lambda p: init_lora(p, targets, config.lora.rank, jax.random.key(0)), base)

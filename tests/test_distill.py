@@ -10,9 +10,11 @@ from flax import nnx
 
 import tokcomp_jax as tc
 from tokcomp_jax.learned.distill import continuation_objective
-from tokcomp_jax.learned.gist import gist_logits, gist_loss
+from tokcomp_jax.learned.gist import GistTokens, gist_logits, gist_loss
 from tokcomp_jax.learned.icae import ICAE, icae_loss, lora_encoder, memory_slots
 from tokcomp_jax.training import ConfigError, init_lora
+from tokcomp_jax.training.lora import merge_lora
+from tokcomp_jax.training.loop import load_model
 from test_learned_tasks import gist_config
 from training_worker import tiny_config
 
@@ -54,7 +56,7 @@ def test_the_kl_vanishes_when_the_student_predicts_like_the_teacher():
 
 
 def test_the_teacher_is_held_constant(model_and_gists):
-    """Gradients reach the model (LoRA-trained gists share it with the teacher) through the student alone."""
+    """Gradients reach the model through the student alone, with the model itself as the teacher."""
     model, gists = model_and_gists
     graphdef, state = nnx.split(model)
     teacher = jnp.asarray(full_context_logprobs(model, CONTEXT, CONTINUATION))
@@ -71,6 +73,34 @@ def test_the_teacher_is_held_constant(model_and_gists):
     assert max(float(jnp.abs(g).max()) for g in flat) > 1e-4
     for g, r in zip(flat, flat_reference):
         np.testing.assert_allclose(g, r, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("trainable", ["lora", "full"])
+def test_trained_gists_distil_the_base_model_not_the_trained_one(trainable):
+    """The teacher is the model as loaded. A teacher with the trained weights drifts with them, and
+    with distillation alone both collapse onto one constant output (KL 0, the continuation lost)."""
+    config = gist_config(distill_weight=1.0)
+    config.trainable = trainable
+    trainer = tc.training.Trainer(config)
+    trained = jax.tree.map(lambda x: x + 0.05, trainer.init_state()["trained"])  # adapters away from B = 0
+    batch = trainer.batch(0)
+    _, metrics = trainer.loss_fn(trained, trainer.frozen, batch)
+
+    base, _ = load_model(config)
+    graphdef, params = nnx.split(base)
+    assert jax.tree.all(jax.tree.map(np.array_equal, nnx.to_pure_dict(params), trainer.frozen))
+    adapted = nnx.merge(graphdef, trained["model"] if trainable == "full" else
+                        merge_lora(trainer.frozen, trained["model"], config.lora.alpha / config.lora.rank))
+    gists = GistTokens(base, config.gist.num_tokens, rngs=nnx.Rngs(0))
+    gists.embeddings.value = trained["task"]["embeddings"]
+    n = config.gist.context_tokens
+    context, continuation = np.asarray(batch["ids"][:, :n]), np.asarray(batch["ids"][:, n:])
+    student = gist_logits(adapted, gists, context, continuation)
+    m = continuation.shape[1]
+    to_base = kl(full_context_logprobs(base, context, continuation), student, m)
+    to_adapted = kl(full_context_logprobs(adapted, context, continuation), student, m)
+    assert abs(to_base - to_adapted) > 0.05 * to_base
+    np.testing.assert_allclose(metrics["kl"], to_base, rtol=1e-4)
 
 
 def test_icae_distils_the_frozen_decoder_reading_the_full_context():

@@ -56,6 +56,10 @@ def test_state_bytes_are_the_hand_arithmetic_of_the_tiny_model():
     assert state["gradients"] == 2 * 4 * per_device  # the accumulated sum and a micro-batch's gradient
     assert state["optimizer"] == 2 * 4 * per_device + 2 * 4  # mu, nu; Adam's and the schedule's int32 counts
     assert state["frozen"] == 0
+    distilled = em.estimate(gist_config(**{"mesh.fsdp": 2, "compute_dtype": "bfloat16", "data.window": 256}), 2)
+    assert distilled.state["frozen"] == 0
+    distilled.config.gist.distill_weight = 0.5  # the base model, frozen, is the teacher
+    assert em.estimate(distilled.config, 2).state["frozen"] == 2 * per_device
 
     lora = em.estimate(config(**{"mesh.fsdp": 2, "trainable": "lora", "lora.rank": 2,
                                  "compute_dtype": "bfloat16"}), 2).state

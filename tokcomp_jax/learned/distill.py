@@ -1,9 +1,9 @@
 """Context distillation (Snell, Klein & Zhong, 2022, "Learning by Distilling Context",
-arXiv:2209.15189) as an optional objective of the learned compressors: the model that reads the
-full context is the teacher, and the compressed form is trained to give the continuation the same
-next-token distributions, KL(teacher || student) at every continuation position, alongside (or in
-place of) the continuation's cross-entropy. Soft targets carry what the context implies about every
-next token, not just the one that followed.
+arXiv:2209.15189) as an optional objective of the learned compressors: the base model (without the
+trained adapters or updates) reading the full context is the teacher, and the compressed form is
+trained to give the continuation the same next-token distributions, KL(teacher || student) at every
+continuation position, alongside (or in place of) the continuation's cross-entropy. Soft targets
+carry what the context implies about every next token, not just the one that followed.
 """
 from __future__ import annotations
 

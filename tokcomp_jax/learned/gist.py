@@ -97,13 +97,17 @@ def gist_logits(model: Llama, gists: GistTokens, context_ids: Int[Array, "B n"],
 
 
 def gist_loss(model: Llama, gists: GistTokens, context_ids: Int[Array, "B n"], continuation_ids: Int[Array, "B m"],
-              *, distill_weight: float = 0.0) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
+              *, distill_weight: float = 0.0, teacher_model: Llama | None = None
+              ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
     """The continuation's loss and metrics (`continuation_objective`) when it sees the context only
-    through the gists: its cross-entropy, mixed for `distill_weight` > 0 with its KL to the model
-    reading the full context (context distillation)."""
+    through the gists: its cross-entropy, mixed for `distill_weight` > 0 with its KL to
+    `teacher_model` (default: `model`) reading the full context (context distillation). Where `model`
+    carries trained adapters, pass the base model as the teacher: a teacher that shares the trained
+    weights drifts with them, and with distillation alone both collapse onto one constant output."""
     context_ids, continuation_ids = check_pair(context_ids, continuation_ids)
     logits = gist_logits(model, gists, context_ids, continuation_ids, continuation_ids.shape[1] + 1)
-    teacher = teacher_logits(model, context_ids, continuation_ids) if distill_weight else None
+    teacher_model = model if teacher_model is None else teacher_model
+    teacher = teacher_logits(teacher_model, context_ids, continuation_ids) if distill_weight else None
     return continuation_objective(logits, continuation_ids, teacher, distill_weight)
 
 

@@ -55,7 +55,8 @@ def split_window(config: ml_collections.ConfigDict, name: str, batch):
 
 def gist_task(config: ml_collections.ConfigDict) -> Task:
     """Gist tokens: the continuation's cross-entropy under the gist mask, mixed with context
-    distillation by `config.gist.distill_weight` (`gist_loss`)."""
+    distillation by `config.gist.distill_weight` (`gist_loss`), the base model (without the trained
+    adapters or updates) reading the full context as the teacher."""
     check_context_fields(config, "gist", "num_tokens")
     distill_weight = distill_weight_of(config, "gist")
 
@@ -63,11 +64,12 @@ def gist_task(config: ml_collections.ConfigDict) -> Task:
         del tokenizer
         return GistTokens(model, config.gist.num_tokens, rngs=nnx.Rngs(config.seed))
 
-    def loss(model, gists, batch):
+    def loss(model, gists, batch, base_model=None):
         context, continuation = split_window(config, "gist", batch)
-        return gist_loss(model, gists, context, continuation, distill_weight=distill_weight)
+        return gist_loss(model, gists, context, continuation, distill_weight=distill_weight, teacher_model=base_model)
 
-    return Task(init=init, loss=loss, extra_axes={"embeddings": (None, "embed")}, no_decay=("embeddings",))
+    return Task(init=init, loss=loss, extra_axes={"embeddings": (None, "embed")}, no_decay=("embeddings",),
+                reads_base_model=distill_weight > 0)
 
 
 def icae_task(config: ml_collections.ConfigDict) -> Task:

@@ -74,11 +74,13 @@ def load_model(config: ml_collections.ConfigDict):
     return model, tokenizer
 
 
-def split_parameters(config: ml_collections.ConfigDict, base: dict, compute_dtype) -> tuple[dict, dict]:
+def split_parameters(config: ml_collections.ConfigDict, base: dict, compute_dtype,
+                     keep_base: bool = False) -> tuple[dict, dict]:
     """(trained, frozen) model parameters for `config.trainable`: all of `base` trained (float32), or
-    LoRA adapters trained with `base` frozen, or `base` frozen; frozen ones in `compute_dtype`."""
+    LoRA adapters trained with `base` frozen, or `base` frozen; frozen ones in `compute_dtype`.
+    `keep_base` keeps a frozen copy of `base` for "full" too (a task that reads the base model)."""
     if config.trainable == "full":
-        return base, {}
+        return base, cast_floats(base, compute_dtype) if keep_base else {}
     if config.trainable == "none":
         return {}, cast_floats(base, compute_dtype)
     try:
@@ -123,7 +125,8 @@ class Trainer:
                 task_graphdef, task_state = nnx.split(task_params, nnx.Param)
                 task_params = nnx.to_pure_dict(task_state)
             model_params, frozen = split_parameters(
-                config, jax.device_get(cast_floats(nnx.to_pure_dict(nnx.state(model)), jnp.float32)), dtype)
+                config, jax.device_get(cast_floats(nnx.to_pure_dict(nnx.state(model)), jnp.float32)), dtype,
+                keep_base=self.task.reads_base_model)
             self._initial = jax.device_get({"model": model_params, "task": cast_floats(task_params, jnp.float32)})
         self.data = self.task.data(config, self.tokenizer, "train")
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(

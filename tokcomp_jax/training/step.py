@@ -32,8 +32,9 @@ def make_loss(task: Task, graphdef: nnx.GraphDef, trainable: str, compute_dtype,
 
     trained: `{"model": ..., "task": ...}`, the model's trained parameters (all of them for
     `trainable` "full", LoRA adapters for "lora", `{}` for "none") and the task's, as pure dicts;
-    frozen: the model parameters that aren't trained (`{}` for "full"). `graphdef` is the model's,
-    built for `compute_dtype`; `task_graphdef` rebuilds an `nnx.Module` the task's `init` returned.
+    frozen: the model parameters that aren't trained (for "full": `{}`, or the initial parameters
+    where `task.reads_base_model`, which the task then reads as the base model). `graphdef` is the
+    model's, built for `compute_dtype`; `task_graphdef` rebuilds an `nnx.Module` the task's `init` returned.
     """
     def loss(trained, frozen, batch):
         if trainable == "full":
@@ -45,7 +46,10 @@ def make_loss(task: Task, graphdef: nnx.GraphDef, trainable: str, compute_dtype,
         task_params = cast_floats(trained["task"], compute_dtype)
         if task_graphdef is not None:
             task_params = nnx.merge(task_graphdef, task_params)
-        return task.loss(nnx.merge(graphdef, params), task_params, batch)
+        model = nnx.merge(graphdef, params)
+        if task.reads_base_model:
+            return task.loss(model, task_params, batch, nnx.merge(graphdef, frozen))
+        return task.loss(model, task_params, batch)
     return loss
 
 

@@ -62,6 +62,9 @@ class Task:
         (`{"gist_tokens": (None, "embed")}`), for `tokcomp_jax.sharding.param_shardings`.
     no_decay: path suffixes of the task's parameters that weight decay skips (new-token embeddings).
         Vectors (norms, biases) are never decayed.
+    reads_base_model: `loss` takes a fourth argument, the loaded model as it was (no adapters, no
+        updates; in `config.compute_dtype`, frozen), e.g. a context-distillation teacher; for
+        `trainable` "full" the trainer keeps a frozen copy of the initial parameters for it.
     """
 
     init: Callable[[ml_collections.ConfigDict, Any, Any], Any]
@@ -69,6 +72,7 @@ class Task:
     data: Callable[[ml_collections.ConfigDict, Any, str], DataSource] = lm_windows
     extra_axes: Mapping[str, tuple[str | None, ...]] = dataclasses.field(default_factory=dict)
     no_decay: tuple[str, ...] = ()
+    reads_base_model: bool = False
 
 
 TaskFactory = Callable[[ml_collections.ConfigDict], Task]
