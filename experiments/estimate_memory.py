@@ -35,7 +35,7 @@ from tokcomp_jax.models.llama import Llama
 from tokcomp_jax.sharding import MESH_AXES, param_shardings, shardings_like
 from tokcomp_jax.testing import TINY_CONFIG
 from tokcomp_jax.training.config import names
-from tokcomp_jax.training.lora import init_lora
+from tokcomp_jax.training.loop import split_parameters
 from tokcomp_jax.training.optim import make_optimizer
 from tokcomp_jax.training.tasks import make_task
 
@@ -162,16 +162,10 @@ def state_bytes(config: ml_collections.ConfigDict, c: ModelConfig, mesh: dict[st
     if config.task == "gist":
         task = {"embeddings": jax.ShapeDtypeStruct((config.gist.num_tokens, c.hidden_size), jnp.float32)}
         no_decay, extra_axes = ("embeddings",), GIST_AXES
-    if config.trainable == "full":  # a task that reads the base model keeps a frozen copy of it
-        model, frozen = base, _as(base, compute) if make_task(config).reads_base_model else {}
-    elif config.trainable == "lora":
-        targets = names(config.lora.targets)
-        model = jax.eval_shape(lambda p: init_lora(p, targets, config.lora.rank, jax.random.key(0)), base)
-        frozen = _as(base, compute)
-    elif config.trainable == "none":
-        model, frozen = {}, _as(base, compute)
-    else:
+    if config.trainable not in ("full", "lora", "none"):
         raise ValueError(f"config.trainable must be 'full', 'lora' or 'none', got {config.trainable!r}.")
+    model, frozen = jax.eval_shape(  # the trainer's own split, on shapes
+        lambda p: split_parameters(config, p, compute, keep_base=make_task(config).reads_base_model), base)
     trained = {"model": model, "task": task}
     trained_shardings = param_shardings(trained, abstract, extra_axes=extra_axes)
     frozen_shardings = param_shardings(frozen, abstract)
@@ -181,6 +175,7 @@ def state_bytes(config: ml_collections.ConfigDict, c: ModelConfig, mesh: dict[st
     if config.trainable == "full":  # the loss's cast of the trained parameters (a float32 cast is free)
         weights = _per_device(_as(trained, compute), trained_shardings) if compute.itemsize != 4 else 0
     elif config.trainable == "lora":  # the merged copies of the adapted kernels
+        targets = names(config.lora.targets)
         adapted = jax.tree_util.tree_map_with_path(
             lambda path, x: x if set(map(str, (getattr(k, "key", k) for k in path))) & set(targets) else None, frozen)
         weights = _per_device(adapted, param_shardings(adapted, abstract))
