@@ -30,10 +30,9 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 from ml_collections import config_flags
 
-from tokcomp_jax.models.config import ModelConfig
+from tokcomp_jax.models.config import TINY_CONFIG, ModelConfig
 from tokcomp_jax.models.llama import Llama
 from tokcomp_jax.sharding import MESH_AXES, param_shardings, shardings_like
-from tokcomp_jax.testing import TINY_CONFIG
 from tokcomp_jax.training.config import names
 from tokcomp_jax.training.loop import split_parameters
 from tokcomp_jax.training.optim import make_optimizer

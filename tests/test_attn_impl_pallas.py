@@ -55,7 +55,7 @@ def test_a_decoding_step_emits_each_entrys_attention_for_the_press():
 
     def record(layer, obs, state, **extra):
         return layer, (obs.attention.key_probs, tc.attention.attention_mass(
-            layer, obs.queries, obs.positions, jnp.ones((2, 1)), attn_impl="xla"))
+            layer, obs.queries, obs.positions, jnp.ones((2, 1)), backend=tc.attention.XLA))
 
     spy = Press(init=lambda layer, index: None, compress=record)
     _, _, states = model(jnp.asarray([[4], [6]]), cache, jnp.ones((2, 1), bool), all_logits=False, press=spy)
@@ -82,6 +82,28 @@ def test_bad_attention_options_raise_before_compiling():
     model = tc.testing.tiny_llama(attn_impl="pallas")  # head dim 8
     with pytest.raises(ValueError, match="head dim 8 is not supported.*attn_impl='xla'"):
         tc.prefill(model, [[1, 2, 3]])
+
+
+def test_a_mask_the_kernels_do_not_take_raises_instead_of_falling_back():
+    """An extra per-slot mask (e.g. the gist mask) is served by the XLA backend and refused by Pallas,
+    with an error naming the backend; nothing falls back silently to another backend."""
+    ids = jnp.asarray([[3, 4, 5, 6]])
+    hide_first = jnp.ones((1, 4, 4), bool).at[:, 2:, 0].set(False)  # tokens 2, 3 do not see slot 0
+    xla = tc.testing.tiny_llama(**TINY)
+    masked, _, _ = xla(ids, xla.init_cache(1, 4), jnp.ones((1, 4), bool), extra_mask=hide_first)
+    plain, _, _ = xla(ids, xla.init_cache(1, 4), jnp.ones((1, 4), bool))
+    np.testing.assert_allclose(masked[:, :2], plain[:, :2], rtol=1e-6)
+    assert not np.allclose(masked[:, 2:], plain[:, 2:])
+    pallas = tc.testing.tiny_llama(attn_impl="pallas", **TINY)
+    with pytest.raises(ValueError, match="'pallas' attention backend takes no extra mask.*attn_impl='xla'"):
+        pallas(ids, pallas.init_cache(1, 4), jnp.ones((1, 4), bool), extra_mask=hide_first)
+
+
+def test_backends_are_registered_in_one_place():
+    assert tc.attention.backend_names() == ("xla", "pallas")
+    assert tc.attention.get_backend("pallas") is tc.attention.PALLAS
+    with pytest.raises(TypeError, match="AttentionBackend"):
+        tc.attention.register_backend("flash")
 
 
 def test_smollm2_generates_the_same_greedy_tokens_with_pallas(smollm2):

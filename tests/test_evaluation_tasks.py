@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+from tokcomp_jax.data.corpora import corpus_units
 from tokcomp_jax.evaluation import data, scoring, tasks
 from tokcomp_jax.evaluation.tasks import Case
 
@@ -65,7 +66,7 @@ def test_context_length_and_determinism(task, tokenizer):
 def test_haystack_is_whole_sentences_of_essays():
     text = tasks.haystack(Words(), 500, seed=3)
     assert 450 <= len(text.split()) <= 500 and text[-1] in ".!?\"')]"
-    corpus = " ".join("".join(tasks.corpus_units("essays")).split())
+    corpus = " ".join("".join(corpus_units("essays")).split())
     assert " ".join(text.split()) in corpus and "Before college the two main things I worked on" in corpus
     assert tasks.haystack(Words(), 500, seed=3) == text != tasks.haystack(Words(), 500, seed=4)
 
@@ -74,7 +75,7 @@ def test_haystack_is_whole_sentences_of_essays():
                                             ("python", "def __init__(self")])
 def test_other_corpora_hide_needles_at_depth(corpus, marker):
     tok = Words()
-    whole = "".join(tasks.corpus_units(corpus))
+    whole = "".join(corpus_units(corpus))
     assert marker in whole and len(whole.split()) > 200_000
     for depth in (0.0, 0.5, 0.9):
         case = tasks.passkey(tok, 2000, depth, seed=2, corpus=corpus)

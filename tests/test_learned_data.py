@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from tokcomp_jax.evaluation.tasks import corpus_documents
+from tokcomp_jax.data.corpora import corpus_documents
 from tokcomp_jax.learned.data import PackedWindows, corpus_windows, split_documents
 
 

@@ -6,16 +6,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 import tokcomp_jax as tc
 from tokcomp_jax.evaluation import continuation_nll
 from tokcomp_jax.evaluation.perplexity import token_nll
-from tokcomp_jax.learned.artifacts import export_trained, load_trained
+from tokcomp_jax.learned.artifacts import SCALE, export_trained, load_trained, pack, unpack
 from tokcomp_jax.learned.gist import gist_press
 from tokcomp_jax.training import ConfigError, Trainer, read_metrics, train
 from tokcomp_jax.training.checkpoint import Checkpoints
@@ -55,7 +57,25 @@ def test_gist_task_trains_the_gists_and_adapters(gist_run):
     assert np.abs(np.asarray(lora_b)).max() > 0  # B starts at zero
 
 
-def test_an_exported_compressor_loads_into_the_model_and_gists_that_trained(gist_run):
+def assert_rounded_as_stored(loaded, trained):
+    """`loaded` (arrays as `load_trained` gives them) is `trained` as the default storage rounds it:
+    LoRA factors within half their row's int8 step max|row| / 127 (float32 products add < 2**-12
+    steps), other floating parameters within bfloat16's relative rounding 2**-8."""
+    loaded = dict(jax.tree_util.tree_leaves_with_path(loaded))
+    trained = dict(jax.tree_util.tree_leaves_with_path(trained))
+    assert loaded.keys() == trained.keys()
+    for path, value in trained.items():
+        value, got = np.asarray(value), np.asarray(loaded[path])
+        assert got.dtype == np.float32
+        if str(path[-1].key).endswith(("lora_a", "lora_b")):
+            bound = (0.5 + 2**-12) * np.abs(value).max(axis=-1, keepdims=True) / 127
+        else:
+            bound = 2.0**-8 * np.abs(value)
+        assert np.all(np.abs(got - value) <= bound), jax.tree_util.keystr(path)
+        assert not np.array_equal(got, value), jax.tree_util.keystr(path)  # stored smaller than float32
+
+
+def test_an_exported_compressor_loads_into_the_model_and_gists_that_trained(gist_run, tmp_path):
     workdir, path = gist_run
     assert Path(path).stat().st_size < 200_000  # adapters and gists only, no optimizer state
     trainer = Trainer(gist_config())
@@ -65,7 +85,13 @@ def test_an_exported_compressor_loads_into_the_model_and_gists_that_trained(gist
 
     trained = load_trained(path)
     assert trained.config.task == "gist" and trained.task_params.num_tokens == GISTS
-    loss, _ = tc.training.make_task(trained.config).loss(trained.model, trained.task_params, batch)
+    assert_rounded_as_stored(nnx.to_pure_dict(nnx.state(trained.task_params, nnx.Param)), state["trained"]["task"])
+    lora_b = state["trained"]["model"]["layers"][0]["self_attn"]["q_proj"]["lora"]["lora_b"]
+    assert_rounded_as_stored({"lora_b": unpack(load_file(path))["model/layers/0/self_attn/q_proj/lora/lora_b"]},
+                             {"lora_b": lora_b})
+    # Stored as trained (float32, as in files written before bfloat16 storage), the loss is the run's.
+    exact = load_trained(export_trained(str(workdir), str(tmp_path / "float32.safetensors"), storage="float32"))
+    loss, _ = tc.training.make_task(exact.config).loss(exact.model, exact.task_params, batch)
     np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
 
     # The trained gists compress a prompt through tc.generate's press.
@@ -77,6 +103,28 @@ def test_an_exported_compressor_loads_into_the_model_and_gists_that_trained(gist
 def test_export_needs_a_finished_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         export_trained(str(tmp_path), str(tmp_path / "x.safetensors"))
+
+
+def test_each_storage_packs_and_unpacks_within_its_rounding():
+    rng = np.random.default_rng(0)
+    arrays = {"model/q_proj/lora/lora_a": rng.normal(size=(5, 4)).astype(np.float32),
+              "model/q_proj/lora/lora_b": np.array([[0.0] * 3, [1e-3, -2.0, 0.5]], np.float32),
+              "task/embeddings": rng.normal(size=(2, 3)).astype(np.float32), "task/ids": np.arange(3)}
+    as_trained = unpack(pack(arrays, "float32"))
+    assert as_trained.keys() == arrays.keys() and all(np.array_equal(v, arrays[k]) for k, v in as_trained.items())
+    bfloat16 = unpack(pack(arrays, "bfloat16"))
+    for key, value in arrays.items():
+        assert bfloat16[key].dtype == value.dtype and np.all(np.abs(bfloat16[key] - value) <= 2.0**-8 * np.abs(value))
+    packed = pack(arrays)
+    lora_b = "model/q_proj/lora/lora_b"
+    assert packed[lora_b].dtype == np.int8 and packed[lora_b + SCALE].shape == (2, 1)
+    assert packed["task/embeddings"].dtype.name == "bfloat16" and packed["task/ids"].dtype == arrays["task/ids"].dtype
+    assert unpack(packed).keys() == arrays.keys()
+    assert_rounded_as_stored({k: v for k, v in unpack(packed).items() if k != "task/ids"},
+                             {k: v for k, v in arrays.items() if k != "task/ids"})
+    assert np.array_equal(unpack(packed)[lora_b][0], np.zeros(3))
+    with pytest.raises(ValueError, match="storage='float16'"):
+        pack(arrays, "float16")
 
 
 @pytest.mark.parametrize("change, field", [
@@ -169,7 +217,8 @@ def test_a_trained_icae_exports_and_compresses_as_it_trained(tmp_path, memory):
     config.icae = ml_collections.ConfigDict({"num_slots": 4, "context_tokens": CONTEXT, "ae_weight": 0.5,
                                              "memory": memory})
     train(config, str(tmp_path / "run"))
-    trained = load_trained(export_trained(str(tmp_path / "run"), str(tmp_path / "icae.safetensors")))
+    trained = load_trained(export_trained(str(tmp_path / "run"), str(tmp_path / "icae.safetensors"),
+                                          storage="float32"))
     assert trained.task_params.icae.memory == memory
     trainer = Trainer(config)
     state = Checkpoints(str(tmp_path / "run" / "checkpoints"), max_to_keep=2).restore(2, trainer.abstract_state())
@@ -178,3 +227,6 @@ def test_a_trained_icae_exports_and_compresses_as_it_trained(tmp_path, memory):
     loss, _ = tc.training.make_task(trained.config).loss(trained.model, trained.task_params, batch)
     np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
     assert np.any(np.asarray(trained.task_params.adapters["layers"][0]["self_attn"]["q_proj"]["lora"]["lora_b"]))
+    # In the default storage, the encoder's adapters and the ICAE tokens come back as it rounds them.
+    small = load_trained(export_trained(str(tmp_path / "run"), str(tmp_path / "small.safetensors")))
+    assert_rounded_as_stored(nnx.to_pure_dict(nnx.state(small.task_params, nnx.Param)), state["trained"]["task"])

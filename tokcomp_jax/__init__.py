@@ -6,8 +6,7 @@
 >>> logits.shape, cache.lengths.shape, cache.positions[0].shape
 ((2, 64), (2, 2, 2), (2, 2, 8))
 """
-from tokcomp_jax import presses  # first: the evaluation imports the generation loop, which the presses need
-from tokcomp_jax import evaluation, learned, testing
+from tokcomp_jax import attention, compression, evaluation, learned, presses, testing
 from tokcomp_jax.cache import KVCache, LayerCache, RaggedLayerCache
 from tokcomp_jax.checkpoints import CheckpointError, Tokenizer, load
 from tokcomp_jax.generation import (Generation, answer_questions, decode, generate, generate_ids, pad_batch,
@@ -20,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "load", "prefill", "decode", "generate", "generate_ids", "answer_questions", "pad_batch", "Generation",
     "KVCache", "LayerCache", "RaggedLayerCache", "Llama", "ModelConfig", "Tokenizer", "SamplingConfig",
-    "CheckpointError", "evaluation", "learned", "presses", "testing",
+    "CheckpointError", "attention", "compression", "evaluation", "learned", "presses", "testing",
 ]

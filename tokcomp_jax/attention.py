@@ -1,14 +1,17 @@
-"""Attention of new queries over a layer's KV cache: the pure-XLA reference and the Pallas kernels.
+"""Attention of new queries over a layer's KV cache: one entry point, backends registered by name.
 
-The implementation is a model option (`attn_impl`): "xla" (the reference, the default) or
-"pallas" (`pallas_kernels`: a split-K decode kernel over the compressed cache, a flash prefill
-kernel that also returns each query's log-sum-exp, and a per-key attention-mass kernel for the
-presses' scores; interpreted on CPU). Both see the same entries: valid slots at token positions at
-or before the query's.
+A backend (`AttentionBackend`) computes a chunk's attention over the cache and each entry's
+attention mass for the presses' scorers. Models pick one by name (`attn_impl`) and call
+`attention`; scorers receive it in their `Observation`. Registered here: "xla" (the reference, the
+default) and "pallas" (`pallas_kernels`: a split-K decode kernel over the compressed cache, a
+flash prefill kernel that also returns each query's log-sum-exp, and a per-key attention-mass
+kernel; interpreted on CPU). Both see the same entries: valid slots at token positions at or
+before the query's. A request a backend cannot serve raises, naming the backend and what it lacks;
+nothing falls back to another backend.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,18 +22,6 @@ from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.prefill_attention import prefill_attention
 from pallas_kernels.window_scores import window_scores
 from tokcomp_jax.cache import LayerCache, RaggedLayerCache
-
-ATTN_IMPLS = ("xla", "pallas")
-
-
-def check_attn_impl(attn_impl: str, sliding_window: int | None = None) -> None:
-    """Raises unless `attn_impl` names an implementation that can run this model."""
-    if attn_impl not in ATTN_IMPLS:
-        raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}.")
-    if attn_impl == "pallas" and sliding_window is not None:
-        raise ValueError(f"the Pallas kernels attend to the whole cache, but this model has a sliding window of "
-                         f"{sliding_window} tokens; use attn_impl='xla'.")
-
 
 class AttentionStats(NamedTuple):
     """What an attention kernel computed on the side, for the presses: lse `[B, H, T]` the
@@ -124,20 +115,120 @@ def pallas_attend(queries: Float[Array, "B T H D"], layer: LayerCache | RaggedLa
     return out, AttentionStats(lse=lse)
 
 
-def attention_mass(layer: LayerCache, queries: Float[Array, "B W H D"], query_positions: Int[Array, "B W"],
-                   query_weights: Float[Array, "B W"], *, attn_impl: str = "xla",
-                   lse: Float[Array, "B H W"] | None = None) -> Float[Array, "B Hkv C"]:
-    """Each entry's attention probability (softmax over each query's whole visible row), weighted
-    per query and summed over the queries and the query heads of its KV head: the statistic of
-    SnapKV's window, H2O's accumulated attention, A2SF and TOVA.
+def xla_attention_mass(layer: LayerCache | RaggedLayerCache, queries: Float[Array, "B W H D"],
+                       query_positions: Int[Array, "B W"], query_weights: Float[Array, "B W"],
+                       lse: Float[Array, "B H W"] | None = None) -> Float[Array, "B Hkv C"]:
+    """`attention_mass` from the `[W, C]` attention probabilities (the reference; `lse` unused)."""
+    del lse
+    probs = attention_probs(layer, queries, query_positions)
+    return jnp.einsum("bkgwc,bw->bkc", probs, query_weights.astype(jnp.float32))
 
-    With "pallas" no `[W, C]` matrix is written (`pallas_kernels.window_scores`; `lse` may come
-    from the layer's own attention).
-    """
-    if attn_impl == "xla":
-        probs = attention_probs(layer, queries, query_positions)
-        return jnp.einsum("bkgwc,bw->bkc", probs, query_weights.astype(jnp.float32))
+
+def pallas_attention_mass(layer: LayerCache | RaggedLayerCache, queries: Float[Array, "B W H D"],
+                          query_positions: Int[Array, "B W"], query_weights: Float[Array, "B W"],
+                          lse: Float[Array, "B H W"] | None = None) -> Float[Array, "B Hkv C"]:
+    """`attention_mass` without a `[W, C]` matrix (`pallas_kernels.window_scores`; `lse` may come
+    from the layer's own attention)."""
     keys, values, positions, starts, lengths, max_segment = cache_pool(layer)
     mass = window_scores(queries, keys, values, starts, lengths, positions, query_positions,
                          query_weights.astype(jnp.float32), lse=lse, max_segment=max_segment)
     return head_view(layer, mass)
+
+
+def xla_attention(queries, layer, query_positions, *, sliding_window=None, extra_mask=None, key_probs=False):
+    """`attend` as a backend: no statistics on the side (`key_probs` is a request it may ignore)."""
+    del key_probs
+    out = attend(queries, layer, query_positions, sliding_window=sliding_window, extra_mask=extra_mask)
+    return out, AttentionStats()
+
+
+def pallas_attention(queries, layer, query_positions, *, sliding_window=None, extra_mask=None, key_probs=False):
+    """`pallas_attend` as a backend (no sliding window, no extra mask: `check_request` refuses them)."""
+    del sliding_window, extra_mask
+    return pallas_attend(queries, layer, query_positions, key_probs=key_probs)
+
+
+class AttentionBackend(NamedTuple):
+    """One attention implementation.
+
+    attend(queries `[B, T, H, D]`, layer, query_positions `[B, T]`, *, sliding_window, extra_mask,
+    key_probs) -> (out `[B, T, H, D]`, `AttentionStats`): the chunk's attention over the cache, and
+    what it computed on the side (`key_probs` asks for each entry's probability, which a backend
+    may not give). attention_mass(layer, queries, query_positions, query_weights `[B, W]`, lse) ->
+    `[B, Hkv, C]`: see `attention_mass`. sliding_window / extra_mask: whether `attend` serves a
+    sliding window and a per-slot mask `[B, T, C]`.
+    """
+
+    name: str
+    attend: Callable
+    attention_mass: Callable
+    sliding_window: bool
+    extra_mask: bool
+
+
+_BACKENDS: dict[str, AttentionBackend] = {}
+
+
+def register_backend(backend: AttentionBackend) -> AttentionBackend:
+    """Makes `backend` available by its name (`attn_impl=backend.name`); returns it."""
+    if not isinstance(backend, AttentionBackend):
+        raise TypeError(f"backend must be an AttentionBackend, got {type(backend).__name__}.")
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+XLA = register_backend(AttentionBackend("xla", xla_attention, xla_attention_mass, sliding_window=True,
+                                        extra_mask=True))
+PALLAS = register_backend(AttentionBackend("pallas", pallas_attention, pallas_attention_mass, sliding_window=False,
+                                           extra_mask=False))
+
+
+def backend_names() -> tuple[str, ...]:
+    """The names of the registered backends."""
+    return tuple(_BACKENDS)
+
+
+def get_backend(name: str) -> AttentionBackend:
+    """The backend registered as `name`."""
+    if name not in _BACKENDS:
+        raise ValueError(f"attn_impl must be one of {backend_names()}, got {name!r}.")
+    return _BACKENDS[name]
+
+
+def check_request(backend: AttentionBackend, *, sliding_window: int | None = None, extra_mask: bool = False) -> None:
+    """Raises if `backend` cannot serve attention with a sliding window or an extra per-slot mask."""
+    if sliding_window is not None and not backend.sliding_window:
+        raise ValueError(f"the {backend.name!r} attention backend attends to the whole cache and has no sliding "
+                         f"window, but this model has one of {sliding_window} tokens; use attn_impl='xla'.")
+    if extra_mask and not backend.extra_mask:
+        raise ValueError(f"the {backend.name!r} attention backend takes no extra mask over the cache slots (e.g. the "
+                         f"gist mask); use attn_impl='xla' for masked attention.")
+
+
+def check_attn_impl(attn_impl: str, sliding_window: int | None = None) -> AttentionBackend:
+    """The backend named `attn_impl`, if it can run a model with `sliding_window`; raises otherwise."""
+    backend = get_backend(attn_impl)
+    check_request(backend, sliding_window=sliding_window)
+    return backend
+
+
+def attention(queries: Float[Array, "B T H D"], layer: LayerCache | RaggedLayerCache,
+              query_positions: Int[Array, "B T"], *, backend: AttentionBackend = XLA,
+              sliding_window: int | None = None, extra_mask: Bool[Array, "B T C"] | None = None,
+              key_probs: bool = False) -> tuple[Float[Array, "B T H D"], AttentionStats]:
+    """The attention of `queries` over the cache with `backend`, and its `AttentionStats`: the one
+    entry point models call. Raises if `backend` cannot serve the request."""
+    check_request(backend, sliding_window=sliding_window, extra_mask=extra_mask is not None)
+    return backend.attend(queries, layer, query_positions, sliding_window=sliding_window, extra_mask=extra_mask,
+                          key_probs=key_probs)
+
+
+def attention_mass(layer: LayerCache | RaggedLayerCache, queries: Float[Array, "B W H D"],
+                   query_positions: Int[Array, "B W"], query_weights: Float[Array, "B W"], *,
+                   backend: AttentionBackend = XLA,
+                   lse: Float[Array, "B H W"] | None = None) -> Float[Array, "B Hkv C"]:
+    """Each entry's attention probability (softmax over each query's whole visible row), weighted
+    per query and summed over the queries and the query heads of its KV head: the statistic of
+    SnapKV's window, H2O's accumulated attention, A2SF and TOVA, computed by `backend` (`lse`, the
+    rows' log-sum-exp, may come from the layer's own attention)."""
+    return backend.attention_mass(layer, queries, query_positions, query_weights, lse)

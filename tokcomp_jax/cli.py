@@ -18,8 +18,8 @@ from absl import app, flags
 from flax import nnx
 
 from tokcomp_jax.checkpoints import DEFAULT_MODEL, load
+from tokcomp_jax.data.corpora import CORPORA
 from tokcomp_jax.evaluation import reports, runner
-from tokcomp_jax.evaluation.tasks import CORPORA
 from tokcomp_jax.generation import encode_prompts, generate_ids, stop_token_ids, text_streamer
 from tokcomp_jax.presses import PRESS_NAMES, make_press
 from tokcomp_jax.sampling import SamplingConfig

@@ -11,21 +11,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tokcomp_jax.batching import DEFAULT_CHUNK_SIZE, check_token_ids, pad_batch, padded_length
 from tokcomp_jax.cache import KVCache
 from tokcomp_jax.checkpoints.tokenizer import Tokenizer
-from tokcomp_jax.models.llama import Llama
-from tokcomp_jax.presses.base import Press
+from tokcomp_jax.compression import CompressibleModel, LayerCompressor, LearnedSuffix
 from tokcomp_jax.presses.online import every_n_steps
 from tokcomp_jax.sampling import SamplingConfig, sample
 
-DEFAULT_CHUNK_SIZE = 512
-
+Compressor = LayerCompressor | LearnedSuffix  # what prefill and generation take as `press`
 
 def _forward(graphdef, state, ids, cache, valid, all_logits, press=None, press_states=None, room=0,
              last_chunk=True, inputs_embeds=None):
-    return nnx.merge(graphdef, state)(ids, cache, valid, all_logits=all_logits, press=press,
-                                      press_states=press_states, room=room, last_chunk=last_chunk,
-                                      inputs_embeds=inputs_embeds)
+    model = nnx.merge(graphdef, state)
+    embeds = {} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}  # only models that take learned tokens
+    return model(ids, cache, valid, all_logits=all_logits, press=press, press_states=press_states, room=room,
+                 last_chunk=last_chunk, **embeds)
 
 
 _STATIC = ("graphdef", "all_logits", "press", "room", "last_chunk")
@@ -34,48 +34,18 @@ _forward_jit = jax.jit(_forward, static_argnames=_STATIC)
 _forward_jit_donating = jax.jit(_forward, static_argnames=_STATIC, donate_argnames=("cache",))
 
 
-def pad_batch(ids, lengths=None, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Turns token ids (one list, a list of lists of any lengths, or an `[B, S]` array) into a
-    right-padded `[B, S]` int32 array and the `[B]` lengths of its rows."""
-    if isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], (list, tuple, np.ndarray)):
-        if lengths is not None:
-            raise ValueError("lengths is only taken with an [B, S] array of ids; a list of lists carries its own.")
-        rows = [np.asarray(row) for row in ids]
-        if any(row.ndim != 1 or (row.size and not np.issubdtype(row.dtype, np.integer)) for row in rows):
-            raise ValueError("ids must be rows of integer token ids.")
-        lengths = np.array([row.size for row in rows], np.int32)
-        ids = np.full((len(rows), lengths.max()), pad_id, np.int32)
-        for padded_row, row in zip(ids, rows):
-            padded_row[:row.size] = row
-    ids = np.asarray(ids)
-    if ids.ndim == 1:
-        ids = ids[None]
-    if ids.ndim != 2 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"ids must be non-empty integer token ids shaped [B, S], got shape {ids.shape} "
-                         f"and dtype {ids.dtype}.")
-    lengths = np.full(ids.shape[0], ids.shape[1], np.int32) if lengths is None else np.asarray(lengths, np.int32)
-    if lengths.shape != (ids.shape[0],) or lengths.min() < 1 or lengths.max() > ids.shape[1]:
-        raise ValueError(f"lengths must hold one value in [1, {ids.shape[1]}] per row of ids, got {lengths}.")
-    return ids.astype(np.int32), lengths
-
-
-def _padded_length(n: int, chunk_size: int) -> int:
-    """Rounds a length up to a power of two up to `chunk_size`, to a multiple of it beyond, so that
-    prompts of similar lengths share one compiled program."""
-    if n > chunk_size:
-        return -(-n // chunk_size) * chunk_size
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def prefill(model: Llama, ids, *, lengths=None, cache: KVCache | None = None, capacity: int | None = None,
-            chunk_size: int = DEFAULT_CHUNK_SIZE, all_logits: bool = False, press: Press | None = None):
+def prefill(model: CompressibleModel, ids, *, lengths=None, cache: KVCache | None = None,
+            capacity: int | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, all_logits: bool = False,
+            press: Compressor | None = None):
     """Runs the model over prompts in chunks of `chunk_size` tokens and returns (logits, cache).
 
     `ids` are token ids: one list, a list of lists of different lengths, or an `[B, S]` array with
     optional `lengths` (right padding). Tokens are appended to `cache` (a new one of `capacity`
     slots, default S, when none is given). Logits are `[B, V]` at each row's last token, or
-    `[B, S, V]` with `all_logits=True`. A `press` compresses each layer's cache as soon as the
-    layer has seen the whole prompt, keeping the free slots that `capacity` asked for.
+    `[B, S, V]` with `all_logits=True`. A `press` (any `tc.compression.LayerCompressor`)
+    compresses each layer's cache as soon as the layer has seen the whole prompt, keeping the free
+    slots that `capacity` asked for; a `LearnedSuffix` (e.g. gist tokens) first runs its learned
+    tokens after the prompt.
 
     >>> import tokcomp_jax as tc
     >>> model = tc.testing.tiny_llama()
@@ -87,17 +57,16 @@ def prefill(model: Llama, ids, *, lengths=None, cache: KVCache | None = None, ca
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}.")
     ids, lengths = pad_batch(ids, lengths)
     batch, steps = ids.shape
-    vocab = model.config.vocab_size
-    if ids.min() < 0 or ids.max() >= vocab:
-        raise ValueError(f"ids must be token ids in [0, {vocab}), got values in [{ids.min()}, {ids.max()}].")
-    suffix = None if press is None else press.suffix  # learned tokens the press appends (gists)
-    added = 0 if suffix is None else suffix.num_tokens
+    check_token_ids(ids, model.config.vocab_size)
+    suffix = press.embeddings if isinstance(press, LearnedSuffix) else None  # learned tokens (gists)
+    press = press.press if isinstance(press, LearnedSuffix) else press
+    added = 0 if suffix is None else suffix.shape[0]
     if suffix is not None and all_logits:
         raise ValueError("all_logits is not available with a press that appends learned tokens (gists); "
                          "prefill the prompt without it for every position's logits.")
     longest = int(lengths.max())
     # Rows are aligned to the end, so that every row's last tokens are in the last chunk.
-    width = _padded_length(steps, chunk_size)
+    width = padded_length(steps, chunk_size)
     chunk = min(chunk_size, width)
     if cache is None:
         capacity = longest if capacity is None else capacity
@@ -106,8 +75,9 @@ def prefill(model: Llama, ids, *, lengths=None, cache: KVCache | None = None, ca
         room = capacity - longest
         capacity += added
         longest += added
-        if press is not None and press.bounded is not None:  # compressed after every chunk
-            capacity = min(capacity, press.bounded + max(chunk, room))
+        bounded = getattr(press, "bounded", None)  # compressed after every chunk to this many entries
+        if bounded is not None:
+            capacity = min(capacity, bounded + max(chunk, room))
         cache = model.init_cache(batch, capacity)
         owned = True
     else:
@@ -129,7 +99,7 @@ def prefill(model: Llama, ids, *, lengths=None, cache: KVCache | None = None, ca
     chunks = [(aligned[:, start:start + chunk], valid[:, start:start + chunk], None)
               for start in range(0, width, chunk)]
     if suffix is not None:
-        embeds = jnp.broadcast_to(suffix.embeddings[...], (batch, *suffix.embeddings.shape))
+        embeds = jnp.broadcast_to(suffix, (batch, *suffix.shape))
         chunks.append((np.zeros((batch, added), np.int32), np.ones((batch, added), bool), embeds))
     graphdef, state = nnx.split(model)
     pieces, press_states = [], None
@@ -150,7 +120,7 @@ def prefill(model: Llama, ids, *, lengths=None, cache: KVCache | None = None, ca
     return jnp.take_along_axis(every, jnp.asarray(index)[:, :, None], axis=1), cache
 
 
-def decode(model: Llama, tokens, cache: KVCache):
+def decode(model: CompressibleModel, tokens, cache: KVCache):
     """Appends one token per row (`tokens` `[B]`) and returns (`[B, V]` logits, cache)."""
     tokens = jnp.asarray(tokens, jnp.int32).reshape(-1, 1)
     if tokens.shape[0] != cache.batch_size:
@@ -195,10 +165,11 @@ class Generation:
         return generated / self.decode_seconds if self.decode_seconds else float("nan")
 
 
-def generate_ids(model: Llama, ids, *, max_new_tokens: int = 32, sampling: SamplingConfig = SamplingConfig(),
-                 stop_ids: Sequence[int] = (), seed: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 pad_id: int = 0, on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None,
-                 press: Press | None = None, cache: KVCache | None = None, decoding_press: Press | None = None,
+def generate_ids(model: CompressibleModel, ids, *, max_new_tokens: int = 32,
+                 sampling: SamplingConfig = SamplingConfig(), stop_ids: Sequence[int] = (), seed: int = 0,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, pad_id: int = 0,
+                 on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None, press: Compressor | None = None,
+                 cache: KVCache | None = None, decoding_press: LayerCompressor | None = None,
                  compress_every: int = 512) -> Generation:
     """Batched generation from token ids; rows may have different lengths. A `press` compresses
     the prompt's cache after prefill, leaving room for `max_new_tokens`. With `cache`, the prompts
@@ -221,7 +192,7 @@ def generate_ids(model: Llama, ids, *, max_new_tokens: int = 32, sampling: Sampl
     ids, lengths = pad_batch(ids, pad_id=pad_id)
     start = time.perf_counter()
     if cache is None:
-        capacity = _padded_length(int(lengths.max()), chunk_size) + room
+        capacity = padded_length(int(lengths.max()), chunk_size) + room
         logits, cache = prefill(model, ids, lengths=lengths, capacity=capacity, chunk_size=chunk_size, press=press)
     else:
         cache.check_room(int(lengths.max()) + room)
@@ -255,8 +226,8 @@ def generate_ids(model: Llama, ids, *, max_new_tokens: int = 32, sampling: Sampl
     return Generation(rows, cache, lengths.tolist(), prefill_seconds, time.perf_counter() - start)
 
 
-def answer_questions(model: Llama, tokenizer: Tokenizer, context: str, questions: Sequence[str], *,
-                     press: Press | None = None, max_new_tokens: int = 50, answer_prefix: str = "",
+def answer_questions(model: CompressibleModel, tokenizer: Tokenizer, context: str, questions: Sequence[str], *,
+                     press: Compressor | None = None, max_new_tokens: int = 50, answer_prefix: str = "",
                      chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[str]:
     """Compresses `context` once and answers every question on the compressed cache (greedy,
     batched), as kvpress's `kv-press-text-generation` pipeline does: the chat template's user turn
@@ -311,10 +282,10 @@ def stop_token_ids(tokenizer: Tokenizer, stop_tokens: Sequence[int | str]) -> li
     return ids
 
 
-def generate(model: Llama, tokenizer: Tokenizer, prompts: str | Sequence[str], *, max_new_tokens: int = 32,
+def generate(model: CompressibleModel, tokenizer: Tokenizer, prompts: str | Sequence[str], *, max_new_tokens: int = 32,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              stop_tokens: Sequence[int | str] = (), chat: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE,
-             stream: Callable[[int, str], None] | None = None, press: Press | None = None) -> str | list[str]:
+             stream: Callable[[int, str], None] | None = None, press: Compressor | None = None) -> str | list[str]:
     """Generates a continuation of each prompt (batched); a single string gives a single string.
 
     `chat=True` wraps each prompt in the model's chat template. `stream(row, text)` receives each

@@ -6,11 +6,8 @@ import dataclasses
 
 from flax import nnx
 
-from tokcomp_jax.models.config import ModelConfig
+from tokcomp_jax.models.config import TINY_CONFIG
 from tokcomp_jax.models.llama import Llama
-
-TINY_CONFIG = ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
-                          num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0)
 
 # XLA's CPU compiler drops the barriers that keep a rematerialised layer's recomputation in the
 # backward pass, and merges it back into the forward pass; compiled with these options

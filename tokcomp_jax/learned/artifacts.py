@@ -5,6 +5,15 @@ model and the task's parameters, ready for `gist_press` and friends.
   export_trained("runs/gist_k16", "compressors/gist_k16.safetensors")
   trained = load_trained("compressors/gist_k16.safetensors")
   tc.generate(trained.model, trained.tokenizer, prompt, press=gist_press(trained.task_params))
+
+Storage (`pack`, `unpack`), by default "int8_lora" (for rank-16 adapters, 0.29 of float32's bytes):
+- "float32": as trained.
+- "bfloat16": every floating-point parameter rounded to bfloat16 (8 significant bits: relative
+  error at most 2**-8).
+- "int8_lora": bfloat16, except the LoRA factors (`lora_a`, `lora_b`): each row (the last axis)
+  holds int8 values q and one float32 scale s = max|row| / 127, stored as `<key>.scale`; the row is
+  q * s, within s / 2 of the trained row.
+Integer parameters stay as they are; loading gives float32 whatever the storage.
 """
 from __future__ import annotations
 
@@ -13,6 +22,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -25,6 +35,9 @@ from tokcomp_jax.training.lora import merge_lora
 from tokcomp_jax.training.tasks import make_task
 
 SEPARATOR = "/"
+STORAGES = ("float32", "bfloat16", "int8_lora")
+LORA_FACTORS = ("lora_a", "lora_b")
+SCALE = ".scale"  # key suffix of an int8 LoRA factor's per-row scales
 
 
 @dataclasses.dataclass
@@ -49,9 +62,44 @@ def _unflatten(flat: dict[str, np.ndarray]) -> dict:
     return tree
 
 
-def export_trained(workdir: str, path: str, step: int | None = None) -> str:
-    """Writes the trained parameters of `workdir`'s checkpoint `step` (default: the newest) and the
-    run's config to the safetensors file `path`; returns `path`. Optimizer state is left out."""
+def _is_float(array: np.ndarray) -> bool:
+    return jnp.issubdtype(array.dtype, jnp.floating)
+
+
+def pack(arrays: dict[str, np.ndarray], storage: str = "int8_lora") -> dict[str, np.ndarray]:
+    """Flat float32 parameters (key: path) in `storage` (one of STORAGES, see the module docstring)."""
+    if storage not in STORAGES:
+        raise ValueError(f"storage={storage!r}: pass one of {', '.join(STORAGES)}.")
+    packed = {}
+    for key, value in arrays.items():
+        if storage == "float32" or not _is_float(value):
+            packed[key] = value
+        elif storage == "int8_lora" and key.rsplit(SEPARATOR, 1)[-1] in LORA_FACTORS:
+            scale = (np.abs(value).max(axis=-1, keepdims=True) / 127).astype(np.float32)
+            scale[scale == 0] = 1
+            packed[key], packed[key + SCALE] = np.round(value / scale).astype(np.int8), scale
+        else:
+            packed[key] = value.astype(jnp.bfloat16)
+    return packed
+
+
+def unpack(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The float32 parameters of arrays `pack` made, whatever its storage."""
+    unpacked = {}
+    for key, value in arrays.items():
+        if key.endswith(SCALE):
+            continue
+        if key + SCALE in arrays:
+            unpacked[key] = value.astype(np.float32) * arrays[key + SCALE]
+        else:
+            unpacked[key] = value.astype(np.float32) if _is_float(value) else value
+    return unpacked
+
+
+def export_trained(workdir: str, path: str, step: int | None = None, storage: str = "int8_lora") -> str:
+    """Writes the trained parameters of `workdir`'s checkpoint `step` (default: the newest), in
+    `storage` (one of STORAGES), and the run's config to the safetensors file `path`; returns `path`.
+    Optimizer state is left out."""
     config_path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{workdir} holds no {CONFIG_FILE}: pass the workdir of a training run.")
@@ -66,13 +114,13 @@ def export_trained(workdir: str, path: str, step: int | None = None) -> str:
     checkpoints.close()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     arrays = {key: np.asarray(value) for key, value in flatten_dict(trained, SEPARATOR).items()}
-    save_file(arrays, path, metadata={"config": config_json, "step": str(step)})
+    save_file(pack(arrays, storage), path, metadata={"config": config_json, "step": str(step)})
     return path
 
 
 def load_trained(path: str) -> TrainedCompressor:
-    """The model and task parameters of a file `export_trained` wrote. The base model is loaded as
-    the run's `config.model.name` says (the same weights must be at hand)."""
+    """The model and task parameters (float32) of a file `export_trained` wrote, in any storage. The
+    base model is loaded as the run's `config.model.name` says (the same weights must be at hand)."""
     from safetensors import safe_open
 
     with safe_open(path, "np") as f:
@@ -81,7 +129,7 @@ def load_trained(path: str) -> TrainedCompressor:
         raise ValueError(f"{path} holds no training config: write it with export_trained.")
     config = config_from_json(metadata["config"])
     check_config(config)
-    trained = _unflatten(load_file(path))
+    trained = _unflatten(unpack(load_file(path)))
     model, tokenizer = load_model(config)
     state = nnx.state(model)
     base = nnx.to_pure_dict(state)

@@ -1,6 +1,6 @@
 """The input pipeline of learned compressors: deterministic, and checkpointed by one number.
 
-A corpus's documents (see `tc.evaluation.tasks.corpus_documents`) are split into training and
+A corpus's documents (see `tokcomp_jax.data.corpus_documents`) are split into training and
 held-out documents (every `held_out_every`-th one is held out, so evaluation text is never trained
 on), tokenized, joined with the end-of-sequence token and cut into windows of a fixed length.
 Each epoch visits the windows in a permutation drawn from `(seed, epoch)` (and, with `shift`, cuts
@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from tokcomp_jax.checkpoints.tokenizer import Tokenizer
-from tokcomp_jax.evaluation.tasks import corpus_documents
+from tokcomp_jax.data.corpora import corpus_documents
 
 SPLITS = ("train", "held_out")
 

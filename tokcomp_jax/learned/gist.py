@@ -17,6 +17,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from tokcomp_jax.cache import KVCache, LayerCache
+from tokcomp_jax.compression import LearnedSuffix
 from tokcomp_jax.generation import prefill
 from tokcomp_jax.learned.distill import continuation_objective, teacher_logits
 from tokcomp_jax.learned.gist_mask import gist_mask
@@ -111,8 +112,8 @@ def gist_loss(model: Llama, gists: GistTokens, context_ids: Int[Array, "B n"], c
     return continuation_objective(logits, continuation_ids, teacher, distill_weight)
 
 
-def gist_press(gists: GistTokens) -> Press:
-    """The press of trained gists: `tc.prefill` / `tc.generate` run the gist tokens after the
+def gist_press(gists: GistTokens) -> LearnedSuffix:
+    """Trained gists as a compressor: `tc.prefill` / `tc.generate` run the gist tokens after the
     prompt and the cache keeps only their k entries per layer and KV head (plus the room asked for).
 
     >>> import tokcomp_jax as tc
@@ -123,8 +124,8 @@ def gist_press(gists: GistTokens) -> Press:
     >>> cache.lengths[0].tolist(), cache.capacities[0], cache.num_seen.tolist()
     ([[2, 2], [2, 2]], 10, [6, 4])
     """
-    # Equal presses for the same gists: a jitted prefill compiles once for them.
-    return Press(init=no_state, compress=_keep_latest(gists.num_tokens), suffix=gists)
+    # One press per number of gists: a jitted prefill compiles once for all gists of that number.
+    return LearnedSuffix(gists.embeddings[...], Press(init=no_state, compress=_keep_latest(gists.num_tokens)))
 
 
 def keep_latest(layer: LayerCache, k: int, room: int) -> LayerCache:

@@ -20,7 +20,8 @@ from flax import nnx
 
 from tokcomp_jax.learned.gist import GistTokens, gist_loss
 from tokcomp_jax.learned.icae import ICAE, MEMORY_FORMS, ICAEParams, icae_loss, lora_encoder
-from tokcomp_jax.training.config import ConfigError, check_count, check_fraction, check_lora_fields, names
+from tokcomp_jax.training.config import check_count, check_fraction, check_lora_fields, names
+from tokcomp_jax.training.errors import ConfigError
 from tokcomp_jax.training.lora import init_lora
 from tokcomp_jax.training.tasks import Task, register_task
 

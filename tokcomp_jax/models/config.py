@@ -143,3 +143,9 @@ def _hf_rope_scaling(hf: dict[str, Any]) -> RopeScaling:
     kwargs = {k: params[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
                                      "original_max_position_embeddings") if k in params}
     return RopeScaling(rope_type=rope_type, **kwargs)
+
+
+# A random 2-layer GQA Llama's shape: the model of tests and examples (`tc.testing.tiny_llama`) and
+# the trainer's `config.model.name` "tiny".
+TINY_CONFIG = ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                          num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0)

@@ -12,11 +12,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jaxtyping import Array, Bool, Float, Int
 
-from tokcomp_jax.attention import AttentionStats, attend, check_attn_impl, pallas_attend
+from tokcomp_jax.attention import AttentionBackend, attention, check_attn_impl
 from tokcomp_jax.cache import KVCache, LayerCache
+from tokcomp_jax.compression import LayerCompressor, Observation, init_states
 from tokcomp_jax.models.config import ModelConfig
 from tokcomp_jax.models.rope import apply_rope, inverse_frequencies
-from tokcomp_jax.presses.base import Observation, Press
 
 
 class RMSNorm(nnx.Module):
@@ -51,11 +51,11 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
 
     def __call__(self, x: Float[Array, "B T E"], layer: LayerCache, positions: Int[Array, "B T"],
-                 valid: Bool[Array, "B T"], attn_impl: str = "xla", key_probs: bool = False,
+                 valid: Bool[Array, "B T"], backend: AttentionBackend, key_probs: bool = False,
                  extra_mask: Bool[Array, "B T C"] | None = None) -> tuple[Float[Array, "B T E"], LayerCache, tuple]:
         """The attention output, the cache with the chunk appended, and the chunk's queries with
-        and without RoPE and the attention's `AttentionStats` (`key_probs`: ask a Pallas decode
-        step for each entry's attention probability; `extra_mask`: slots hidden from each query)."""
+        and without RoPE and the attention's `AttentionStats` (`key_probs`: ask the backend for
+        each entry's attention probability; `extra_mask`: slots hidden from each query)."""
         c = self.config
         batch, steps, _ = x.shape
         q = self.q_proj(x).reshape(batch, steps, c.num_heads, c.head_dim)
@@ -66,11 +66,8 @@ class Attention(nnx.Module):
         inv_freq = inverse_frequencies(c)
         rotated_q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         layer = layer.append(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, valid)
-        if attn_impl == "pallas" and extra_mask is None:
-            out, stats = pallas_attend(rotated_q, layer, positions, key_probs=key_probs)
-        else:
-            out = attend(rotated_q, layer, positions, sliding_window=c.sliding_window, extra_mask=extra_mask)
-            stats = AttentionStats()
+        out, stats = attention(rotated_q, layer, positions, backend=backend, sliding_window=c.sliding_window,
+                               extra_mask=extra_mask, key_probs=key_probs)
         return self.o_proj(out.reshape(batch, steps, c.num_heads * c.head_dim)), layer, (rotated_q, q, stats)
 
 
@@ -96,16 +93,17 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config, dtype, rngs)
 
-    def __call__(self, x, layer: LayerCache, positions, valid, press: Press | None = None,
-                 press_state=None, room: int = 0, layer_index: int = 0, last_chunk: bool = True,
-                 attn_impl: str = "xla", extra_mask=None):
-        """The block's output and cache; `press`, if given, compresses the cache after attention."""
+    def __call__(self, x, layer: LayerCache, positions, valid, backend: AttentionBackend,
+                 press: LayerCompressor | None = None, press_state=None, room: int = 0, layer_index: int = 0,
+                 last_chunk: bool = True, extra_mask=None):
+        """The block's output and cache; `press`, if given, compresses the cache after attention
+        (`tc.compression`)."""
         attn_input = self.input_layernorm(x)
         attn_out, layer, (queries, pre_rope_queries, stats) = self.self_attn(
-            attn_input, layer, positions, valid, attn_impl, key_probs=press is not None, extra_mask=extra_mask)
+            attn_input, layer, positions, valid, backend, key_probs=press is not None, extra_mask=extra_mask)
         if press is not None:
             obs = Observation(queries, pre_rope_queries, attn_input, positions, valid, layer_index, room,
-                              last_chunk, inverse_frequencies(self.self_attn.config), attn_impl, stats)
+                              last_chunk, inverse_frequencies(self.self_attn.config), backend, stats)
             layer, press_state = press.compress(layer, obs, press_state)
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x)), layer, press_state
@@ -119,9 +117,10 @@ class Llama(nnx.Module):
     (index T-1: callers align each row's last token to the end, see `tc.prefill`), with the
     updated cache.
 
-    `attn_impl` picks the attention implementation of the model and of the presses' scorers:
-    "xla" (the reference) or "pallas" (`pallas_kernels`, interpreted on CPU). It may be changed
-    on a built model (`model.attn_impl = "pallas"`); jitted calls compile once per value.
+    `attn_impl` names the attention backend (`tc.attention`) of the model and of the presses'
+    scorers: "xla" (the reference) or "pallas" (`pallas_kernels`, interpreted on CPU). It may be
+    changed on a built model (`model.attn_impl = "pallas"`); jitted calls compile once per value.
+    A request the backend cannot serve (a sliding window, an `extra_mask` for Pallas) raises.
 
     Two static attributes serve training (the trainer sets them; None and False change nothing):
     `activation_sharding`, a `NamedSharding` of the `[B, T, E]` hidden states, is imposed
@@ -168,26 +167,27 @@ class Llama(nnx.Module):
         return KVCache.empty(c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim, self.dtype)
 
     def __call__(self, ids: Int[Array, "B T"], cache: KVCache, valid: Bool[Array, "B T"], *,
-                 all_logits: bool = True, press: Press | None = None, press_states: tuple | None = None,
+                 all_logits: bool = True, press: LayerCompressor | None = None, press_states: tuple | None = None,
                  room: int = 0, last_chunk: bool = True, inputs_embeds: Float[Array, "B T E"] | None = None,
                  extra_mask: Bool[Array, "B T C"] | None = None, return_hidden: bool = False):
-        """Returns (logits, cache, press_states). With a `press`, each layer's cache goes through
-        it right after the layer's attention (kvpress semantics); `press_states` (one per layer,
-        from `press.init` when None) carry what it observed in earlier chunks. `inputs_embeds`
+        """Returns (logits, cache, press_states). With a `press` (any `tc.compression.LayerCompressor`),
+        each layer's cache goes through it right after the layer's attention (kvpress semantics);
+        `press_states` (one per layer, from `press.init` when None) carry what it observed in earlier
+        chunks. `inputs_embeds`
         replaces the tokens' embeddings (learned tokens such as gists); `extra_mask` `[B, T, C]`
-        hides cache slots from the chunk's queries in every layer (the XLA attention runs then).
+        hides cache slots from the chunk's queries in every layer (a backend without masks raises).
         `return_hidden` returns the final hidden states (after the last RMSNorm, as Hugging Face's
         `hidden_states[-1]`; in the model's dtype) in place of the logits."""
         self.check_cache(cache)
-        check_attn_impl(self.attn_impl, self.config.sliding_window)
+        backend = check_attn_impl(self.attn_impl, self.config.sliding_window)
         positions = cache.num_seen[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
-        if press is not None and press_states is None:
-            press_states = tuple(press.init(layer, index) for index, layer in enumerate(cache.layers))
+        if press_states is None:
+            press_states = init_states(press, cache)
         x = self.embed_tokens(ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         x = self._constrain(x)
 
         def run(block, x, layer, state, index):
-            return block(x, layer, positions, valid, press, state, room, index, last_chunk, self.attn_impl, extra_mask)
+            return block(x, layer, positions, valid, backend, press, state, room, index, last_chunk, extra_mask)
         if self.remat:
             run = nnx.remat(run, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=4)
         layers, states = [], []

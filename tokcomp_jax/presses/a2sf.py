@@ -12,7 +12,7 @@ from jaxtyping import Array, Float
 
 from tokcomp_jax.cache import LayerCache
 from tokcomp_jax.presses.base import Budget, Observation, Press, press_factory, scorer_press
-from tokcomp_jax.presses.snapkv import window_mass
+from tokcomp_jax.presses.scoring import window_mass
 
 
 def init_scores(layer: LayerCache, layer_index: int = 0) -> Float[Array, "B Hkv C"]:

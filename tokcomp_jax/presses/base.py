@@ -1,7 +1,8 @@
 """The Press API: pure `(init, compress)` pairs over one layer's cache, budgets and selection.
 
-A press sees a layer's `LayerCache` right after that layer's attention has run on a chunk of
-tokens, together with an `Observation` of that chunk, and returns a smaller cache. Scorers
+A press is a `tc.compression.LayerCompressor`: it sees a layer's `LayerCache` right after that
+layer's attention has run on a chunk of tokens, together with an `Observation` of that chunk, and
+returns a smaller cache. Scorers
 (`score(layer, obs) -> [B, Hkv, C]`, higher is kept) are separate from selection (`keep_top`),
 so that every scorer gets batched, ragged, memory-saving selection for free.
 """
@@ -15,36 +16,10 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float, Int
 
-from tokcomp_jax.attention import AttentionStats
 from tokcomp_jax.cache import LayerCache, RaggedLayerCache
-
-
-class Observation(NamedTuple):
-    """What a press may look at for one layer, after the layer's attention ran on a chunk.
-
-    queries / pre_rope_queries: `[B, T, H, D]` the chunk's queries with and without RoPE;
-    hidden_states: `[B, T, E]` the attention's input; positions / valid: `[B, T]` each token's
-    position and whether it is a real token (rows are aligned to the end: a row's last tokens are
-    the chunk's last ones); layer_index; room: cache slots to leave free after compression;
-    last_chunk: whether this chunk ends the prompt; inv_freq: `[D / 2]` RoPE frequencies;
-    attn_impl: the model's attention implementation, which scorers use too; attention: what the
-    layer's attention kernel computed on the side (`AttentionStats`).
-    """
-
-    queries: Float[Array, "B T H D"]
-    pre_rope_queries: Float[Array, "B T H D"]
-    hidden_states: Float[Array, "B T E"]
-    positions: Int[Array, "B T"]
-    valid: Bool[Array, "B T"]
-    layer_index: int
-    room: int
-    last_chunk: bool
-    inv_freq: np.ndarray
-    attn_impl: str = "xla"
-    attention: AttentionStats = AttentionStats()
-
+from tokcomp_jax.compression import Observation
 
 Scores = Float[Array, "B Hkv C"]
 
@@ -64,16 +39,13 @@ class Press(NamedTuple):
     A press that scores entries and keeps the best within a budget also exposes its `scorer` and
     `budget`, so that other selectors (e.g. AdaKV's per-head budgets) can wrap it. `bounded` is
     the most entries per (row, KV head) a press that compresses after every prefill chunk keeps
-    (None: it compresses once the prompt is complete), for `tc.prefill` to size the cache.
-    `suffix`, an object with `.embeddings` `[k, E]` and `.num_tokens` (e.g. trained gist tokens),
-    makes `tc.prefill` run those learned tokens after the prompt, in the chunk the press compresses."""
+    (None: it compresses once the prompt is complete), for `tc.prefill` to size the cache."""
 
     init: Callable[[LayerCache, int], Any]
     compress: Callable[..., tuple[LayerCache, Any]]
     scorer: Scorer | None = None
     budget: "Budget | None" = None
     bounded: int | None = None
-    suffix: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

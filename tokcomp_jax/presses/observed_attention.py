@@ -14,7 +14,7 @@ from jaxtyping import Array, Float, Int
 from tokcomp_jax.attention import attention_mask
 from tokcomp_jax.cache import LayerCache
 from tokcomp_jax.presses.base import Budget, Observation, Press, press_factory, scorer_press
-from tokcomp_jax.presses.snapkv import window_mass
+from tokcomp_jax.presses.scoring import window_mass
 
 
 class AttentionMass(NamedTuple):

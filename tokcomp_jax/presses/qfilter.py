@@ -14,6 +14,7 @@ layout `[layers, KV heads, head_dim]`, as do the filters here (published ones ca
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,8 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Float
 
-from tokcomp_jax.generation import DEFAULT_CHUNK_SIZE, _forward_jit_donating, pad_batch
+from tokcomp_jax.batching import DEFAULT_CHUNK_SIZE, check_token_ids, pad_batch
+from tokcomp_jax.compression import CompressibleModel, init_states
 from tokcomp_jax.presses.base import Budget, Press, press_factory, scorer_press
 
 
@@ -99,7 +101,15 @@ def _query_moments(num_heads: int) -> Press:
     return Press(init=init, compress=compress)
 
 
-def calibrate_qfilters(model, ids, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Float[np.ndarray, "L Hkv D"]:
+@functools.partial(nnx.jit, static_argnames="press", donate_argnames="cache")
+def _observe_chunk(model: CompressibleModel, ids, cache, valid, press: Press, states):
+    """One chunk through the model, for `press` to observe; the logits are not computed."""
+    _, cache, states = model(ids, cache, valid, all_logits=False, press=press, press_states=states)
+    return cache, states
+
+
+def calibrate_qfilters(model: CompressibleModel, ids, *,
+                       chunk_size: int = DEFAULT_CHUNK_SIZE) -> Float[np.ndarray, "L Hkv D"]:
     """Q-Filters `[layers, KV heads, head_dim]` estimated from the model's queries on calibration
     `ids` (one list, a list of lists of any lengths, or an `[B, S]` array), run in chunks of
     `chunk_size` tokens.
@@ -121,25 +131,22 @@ def calibrate_qfilters(model, ids, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> F
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}.")
     ids, lengths = pad_batch(ids)
-    config = model.config
-    if ids.min() < 0 or ids.max() >= config.vocab_size:
-        raise ValueError(f"ids must be token ids in [0, {config.vocab_size}), got values in "
-                         f"[{ids.min()}, {ids.max()}].")
+    check_token_ids(ids, model.config.vocab_size)
     batch, steps = ids.shape
     chunk = min(chunk_size, steps)
     width = -(-steps // chunk) * chunk
     ids = np.pad(ids, ((0, 0), (0, width - steps)))
     valid = np.arange(width) < lengths[:, None]  # right padding: padded tokens are not cached nor counted
     cache = model.init_cache(batch, width)
-    press = _query_moments(config.num_heads)
-    stats = tuple(press.init(layer, index) for index, layer in enumerate(cache.layers))
-    graphdef, state = nnx.split(model)
+    press = _query_moments(model.config.num_heads)
+    stats = init_states(press, cache)
     for start in range(0, width, chunk):
-        _, cache, stats = _forward_jit_donating(graphdef, state, ids[:, start:start + chunk], cache,
-                                                valid[:, start:start + chunk], False, press, stats)
+        cache, stats = _observe_chunk(model, ids[:, start:start + chunk], cache, valid[:, start:start + chunk],
+                                      press, stats)
     sums = np.stack([np.asarray(s, np.float64) for s, _ in stats])  # [L, H, D]
     moments = np.stack([np.asarray(m, np.float64) for _, m in stats])  # [L, H, D, D]
     first = np.linalg.eigh(moments)[1][..., -1]  # eigenvalues ascend: the last column is the top one
     first = np.where((np.sum(first * sums, axis=-1) < 0)[..., None], -first, first)
-    groups = config.num_heads // config.num_kv_heads
-    return (-first).reshape(config.num_layers, config.num_kv_heads, groups, -1).mean(axis=2).astype(np.float32)
+    num_layers, num_heads, dim = sums.shape
+    kv_heads = cache.layers[0].lengths.shape[1]
+    return (-first).reshape(num_layers, kv_heads, num_heads // kv_heads, dim).mean(axis=2).astype(np.float32)

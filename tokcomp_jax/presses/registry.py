@@ -1,5 +1,5 @@
 """Every press by name, built for a model: the ratio-only factories of `PRESSES` and those that need
-the model (its number of layers, or Q-Filters calibrated on it)."""
+the model (its number of layers, or Q-Filters calibrated on it through its public call)."""
 from __future__ import annotations
 
 import inspect
@@ -24,34 +24,23 @@ from tokcomp_jax.presses.tova import tova
 PRESSES = {"streaming_llm": streaming_llm, "knorm": knorm, "snapkv": snapkv, "observed_attention": observed_attention,
            "tova": tova, "keydiff": keydiff, "random": random, "expected_attention": expected_attention,
            "a2sf": a2sf, "adakv_snapkv": lambda ratio=None, tokens=None: adakv(snapkv(ratio, tokens=tokens))}
-# Presses that need the model: factory(ratio, model, calibration_ids) -> Press.
+# Presses that need the model: factory(ratio, model, filters) -> Press.
 MODEL_PRESSES = {
     "pyramidkv": lambda ratio, model, _: pyramidkv(ratio, num_layers=model.config.num_layers),
     "lacache": lambda ratio, model, _: lacache(ratio, num_layers=model.config.num_layers),
-    "qfilter": lambda ratio, model, ids: qfilter(ratio, filters=_calibrated(model, ids)),
+    "qfilter": lambda ratio, model, filters: qfilter(ratio, filters=filters),
 }
 # The full cache, as a press name.
 NO_PRESS = "none"
 PRESS_NAMES = (NO_PRESS, *PRESSES, *MODEL_PRESSES)
 
-_filters: dict = {}
-
-
-def _calibrated(model, ids: Sequence[int] | None):
-    if ids is None:
-        raise ValueError("the qfilter press needs calibration_ids: token ids of text to estimate its filters on.")
-    key = (id(model), tuple(ids))
-    if key not in _filters:
-        _filters[key] = calibrate_qfilters(model, [list(ids)])
-    return _filters[key]
-
 
 def make_press(name: str, ratio: float | None = None, model=None, calibration_ids: Sequence[int] | None = None, *,
-               tokens: int | None = None) -> Press | None:
+               tokens: int | None = None, qfilters=None) -> Press | None:
     """The press called `name` (one of `PRESS_NAMES`; "none" gives None, the full cache) removing
     `ratio` of each row's entries, or keeping `tokens` per row and KV head. pyramidkv and lacache
-    take the model's depth; qfilter estimates its filters on `calibration_ids` with the model (once
-    per model and ids).
+    take the model's depth; qfilter takes `qfilters` (from `calibrate_qfilters`; estimate them once
+    for many presses) or estimates them on `calibration_ids` with the model.
 
     >>> import tokcomp_jax as tc
     >>> make_press("pyramidkv", 0.5, tc.testing.tiny_llama()) is tc.presses.pyramidkv(0.5, num_layers=2)
@@ -69,4 +58,9 @@ def make_press(name: str, ratio: float | None = None, model=None, calibration_id
         return PRESSES[name](ratio)
     if model is None:
         raise ValueError(f"press {name!r} is built for a model: pass model=.")
-    return MODEL_PRESSES[name](ratio, model, calibration_ids)
+    if name == "qfilter" and qfilters is None:
+        if calibration_ids is None:
+            raise ValueError("the qfilter press needs qfilters= (from calibrate_qfilters) or calibration_ids: "
+                             "token ids of text to estimate its filters on.")
+        qfilters = calibrate_qfilters(model, [list(calibration_ids)])
+    return MODEL_PRESSES[name](ratio, model, qfilters)

@@ -4,18 +4,8 @@ import jax.numpy as jnp
 
 from pallas_kernels.common import uniform_starts
 from pallas_kernels.window_scores import pool_keys
-from tokcomp_jax.attention import attention_mass
 from tokcomp_jax.presses.base import Budget, Press, press_factory, scorer_press
-
-
-def window_mass(layer, obs, window_size: int, query_weights):
-    """`[B, Hkv, C]` the attention (normalised over each query's whole visible row) that the chunk's
-    last `window_size` queries pay to each entry, weighted by `query_weights` `[B, W]` and summed
-    over the window and each KV head's query group, with the model's attention implementation
-    (`tc.attention.attention_mass`; the rows' lse from the layer's own Pallas attention is reused)."""
-    lse = obs.attention.lse
-    return attention_mass(layer, obs.queries[:, -window_size:], obs.positions[:, -window_size:], query_weights,
-                          attn_impl=obs.attn_impl, lse=None if lse is None else lse[..., -window_size:])
+from tokcomp_jax.presses.scoring import window_mass
 
 
 def snapkv_scores(layer, obs, window_size: int, kernel_size: int):

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from tokcomp_jax.presses.base import Budget, Press, press_factory, scorer_press
-from tokcomp_jax.presses.snapkv import window_mass
+from tokcomp_jax.presses.scoring import window_mass
 
 
 def _last_query_attention(layer, obs):

@@ -2,11 +2,14 @@
 
 `train(config, workdir)` runs (and resumes) a config made from `base_config()`; the command line is
 `experiments/train.py --config=configs/train_tiny.py --workdir=DIR`. New methods plug in as tasks
-(`register_task`, see `tokcomp_jax.training.tasks`).
+(`register_task`, see `tokcomp_jax.training.tasks`); the language-modelling task "lm" and the learned
+compressors' "gist" and "icae" (`tokcomp_jax.learned.tasks`) are registered on import.
 """
+import tokcomp_jax.learned.tasks  # noqa: F401  (registers "gist" and "icae")
 from tokcomp_jax.training.checkpoint import Checkpoints
-from tokcomp_jax.training.config import ConfigError, base_config, check_config
+from tokcomp_jax.training.config import base_config, check_config
 from tokcomp_jax.training.data import ByteTokenizer, DataSource, TokenWindows
+from tokcomp_jax.training.errors import ConfigError
 from tokcomp_jax.training.loop import Trainer, load_model, train
 from tokcomp_jax.training.lora import init_lora, merge_lora
 from tokcomp_jax.training.metrics import read_metrics

@@ -12,14 +12,12 @@ import numbers
 import ml_collections
 
 from tokcomp_jax.sharding import LINEAR_AXES
+from tokcomp_jax.training.errors import ConfigError
+from tokcomp_jax.training.tasks import make_task
 
 TRAINABLE = ("full", "lora", "none")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 TOKENIZERS = ("model", "bytes")
-
-
-class ConfigError(ValueError):
-    """A training config field holds a value that cannot work."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -40,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
                                       # run (with a new optimizer state and schedule); "": fresh parameters
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "tiny"             # "tiny" (tc.testing.tiny_llama) or a name/path for tc.load
+    c.model.name = "tiny"             # "tiny" (a random models.config.TINY_CONFIG) or a name/path for tc.load
     c.model.overrides = ml_collections.ConfigDict()  # TINY_CONFIG fields replaced, for "tiny"
 
     c.data = ml_collections.ConfigDict()
@@ -125,8 +123,6 @@ def check_fraction(value, field: str) -> None:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises `ConfigError`, naming the field and what it takes, for a value that cannot work."""
-    from tokcomp_jax.training.tasks import make_task
-
     _require(config.trainable in TRAINABLE, "trainable", config.trainable, f"one of {TRAINABLE}")
     _require(config.compute_dtype in COMPUTE_DTYPES, "compute_dtype", config.compute_dtype,
              f"one of {COMPUTE_DTYPES}")

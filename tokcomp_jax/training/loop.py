@@ -30,12 +30,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from tokcomp_jax.checkpoints import load
+from tokcomp_jax.models.config import TINY_CONFIG
 from tokcomp_jax.models.llama import Llama
 from tokcomp_jax.sharding import activation_sharding, make_mesh, param_shardings, shardings_like
-from tokcomp_jax.testing import tiny_llama
 from tokcomp_jax.training.checkpoint import Checkpoints, abstract_like, restore_trained
-from tokcomp_jax.training.config import ConfigError, check_config, config_from_json, names
+from tokcomp_jax.training.config import check_config, config_from_json, names
 from tokcomp_jax.training.data import ByteTokenizer, DataSource, batch_shardings, global_batch
+from tokcomp_jax.training.errors import ConfigError
 from tokcomp_jax.training.lora import init_lora
 from tokcomp_jax.training.metrics import MetricsLog, format_record
 from tokcomp_jax.training.optim import make_optimizer
@@ -61,7 +62,8 @@ def load_model(config: ml_collections.ConfigDict):
     """The model `config.model` names (float32) and the tokenizer `config.data.tokenizer` names."""
     if config.model.name == "tiny":
         try:
-            model, tokenizer = tiny_llama(seed=config.seed, **config.model.overrides.to_dict()), None
+            tiny = dataclasses.replace(TINY_CONFIG, **config.model.overrides.to_dict())
+            model, tokenizer = Llama(tiny, dtype="float32", rngs=nnx.Rngs(config.seed)), None
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config.model.overrides: {e}") from e
     else:

@@ -29,8 +29,8 @@ import ml_collections
 import optax
 
 from tokcomp_jax.learned.data import corpus_windows
-from tokcomp_jax.training.config import ConfigError
 from tokcomp_jax.training.data import DataSource, TokenWindows
+from tokcomp_jax.training.errors import ConfigError
 
 
 def lm_windows(config: ml_collections.ConfigDict, tokenizer, split: str) -> DataSource:
@@ -92,21 +92,13 @@ def register_task(name: str, factory: TaskFactory) -> None:
     _TASKS[name] = factory
 
 
-def _register_learned_tasks() -> None:
-    """Registers the learned compressors' tasks, on first use: `tokcomp_jax.learned.tasks` builds
-    on this module and the trainer."""
-    import tokcomp_jax.learned.tasks  # noqa: F401
-
-
 def task_names() -> list[str]:
     """The registered task names."""
-    _register_learned_tasks()
     return sorted(_TASKS)
 
 
 def make_task(config: ml_collections.ConfigDict) -> Task:
     """The task `config.task` names."""
-    _register_learned_tasks()
     if config.task not in _TASKS:
         raise ConfigError(f"config.task {config.task!r} is not a registered task; known tasks: "
                           f"{', '.join(task_names())} (add one with tokcomp_jax.training.register_task).")
