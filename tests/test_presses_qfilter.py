@@ -129,3 +129,14 @@ def test_invalid_arguments_are_rejected(model):
         calibrate_qfilters(model, [[1, 2, 3]], chunk_size=0)
     with pytest.raises(ValueError, match="ids must be token ids"):
         calibrate_qfilters(model, [[1, 2, 300]])
+
+
+def test_the_registry_builds_qfilter_from_given_or_calibrated_filters(model, tiny_filters):
+    """By name, Q-Filters are either given (estimated once for many presses) or estimated on the
+    calibration ids through the model's own call; nothing is cached behind the caller's back."""
+    ids = random_rows([64], seed=5)[0]
+    assert tc.presses.make_press("qfilter", 0.5, model, qfilters=tiny_filters) is qfilter(0.5, filters=tiny_filters)
+    calibrated = tc.presses.make_press("qfilter", 0.5, model, ids)
+    assert calibrated is qfilter(0.5, filters=calibrate_qfilters(model, [ids]))
+    with pytest.raises(ValueError, match="qfilters= .* or calibration_ids"):
+        tc.presses.make_press("qfilter", 0.5, model)

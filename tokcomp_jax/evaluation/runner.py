@@ -27,6 +27,7 @@ from tokcomp_jax.evaluation.tasks import (Case, common_words, haystack, multi_ke
                                           variable_tracking)
 from tokcomp_jax.generation import DEFAULT_CHUNK_SIZE, generate_ids, prefill, split_context_and_questions
 from tokcomp_jax.presses.online import chunkwise
+from tokcomp_jax.presses.qfilter import calibrate_qfilters
 from tokcomp_jax.presses.registry import NO_PRESS, PRESS_NAMES, make_press
 
 def text_to_read(tokenizer, context_tokens: int, seed: int = 0, corpus: str = "essays") -> Case:
@@ -316,18 +317,18 @@ def run_sweep(model, tokenizer, sweep: Sweep, results_path: str | os.PathLike, *
         todo = [i for i, identity in enumerate(ids) if record_key(identity) not in done]
         plan += [Batch(press, ratio, length, tuple(todo[i:i + sweep.batch_size]))
                  for i in range(0, len(todo), sweep.batch_size)]
-    calibration = None
+    qfilters = None  # estimated once per sweep, for every ratio
     clock = CompileClock()
     for batch in (progress or iter)(plan):
-        if batch.press == "qfilter" and calibration is None:
-            calibration = tokenizer.encode(calibration_text(tokenizer))
+        if batch.press == "qfilter" and qfilters is None:
+            qfilters = calibrate_qfilters(model, [tokenizer.encode(calibration_text(tokenizer))])
         cases = [by_length[batch.length][i] for i in batch.cases]
         if sweep.task == "perplexity" and sweep.data is None:  # a budget in tokens, kept while the cache fills
             tokens = max(1, int(batch.length * (1 - batch.ratio)))
             press = make_press(batch.press, model=model, tokens=tokens)
             records = run_perplexity_batch(model, tokenizer, cases, press, chunk_size=sweep.chunk_size, clock=clock)
         else:
-            press = make_press(batch.press, batch.ratio, model, calibration)
+            press = make_press(batch.press, batch.ratio, model, qfilters=qfilters)
             records = run_batch(model, tokenizer, cases, press, max_new_tokens=sweep.new_tokens,
                                 query_aware=sweep.query_aware, chunk_size=sweep.chunk_size, clock=clock)
         ids = identities[batch.press, batch.ratio, batch.length]
