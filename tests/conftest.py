@@ -16,6 +16,7 @@ if os.environ.get("TOKCOMP_JAX_TEST_XLA_CACHE") == "1":
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import gc  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -26,6 +27,11 @@ import tokcomp_jax as tc  # noqa: E402
 from tokcomp_jax.learned.gist import GistTokens  # noqa: E402
 
 SMOLLM2 = "smollm2-135m-instruct"
+TESTS = Path(__file__).resolve().parent  # the shared helpers and subprocess workers live here
+ROOT = TESTS.parent
+# The workers are scripts that tests run in subprocesses (some set up JAX's devices as they are
+# imported): not modules for pytest to import.
+collect_ignore_glob = ["*_worker.py"]
 
 
 def essay(name: str = "worked.txt") -> str:

@@ -1,10 +1,9 @@
 """experiments/bench_presses.py runs end to end in its smoke mode and prints one row per press."""
 import math
-import os
 import subprocess
 import sys
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _bench(*flags):

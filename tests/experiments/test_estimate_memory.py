@@ -17,8 +17,8 @@ from tokcomp_jax.testing import KEEP_REMAT_ON_CPU
 from tokcomp_jax.training import Task, base_config
 from tokcomp_jax.training.step import make_loss
 from tokcomp_jax.training.tasks import next_token_loss
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "estimate_memory.py")
 _spec = importlib.util.spec_from_file_location("estimate_memory", SCRIPT)
 em = sys.modules["estimate_memory"] = importlib.util.module_from_spec(_spec)

@@ -1,11 +1,10 @@
 """experiments/eval_vs_kvpress.py runs end to end on a few cases: both sides answer the same cases and
 agree where the selections are the same."""
 import json
-import os
 import subprocess
 import sys
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*flags):

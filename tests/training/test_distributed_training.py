@@ -14,9 +14,9 @@ import numpy as np
 
 from tokcomp_jax.training import ByteTokenizer, Checkpoints, Trainer, lm_windows, read_metrics, train
 from training_worker import tiny_config
+from conftest import ROOT, TESTS
 
-ROOT = Path(__file__).parents[1]
-WORKER = str(Path(__file__).with_name("distributed_worker.py"))
+WORKER = str(TESTS / "distributed_worker.py")
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
 RUN = {"steps": 20, "checkpoint.every": 100}  # one save, at the end
 TIMEOUT_S = 240

@@ -23,9 +23,9 @@ from tokcomp_jax.training.loop import check_same_run
 from tokcomp_jax.training.metrics import MetricsLog
 from tokcomp_jax.training.tasks import lm_windows
 from training_worker import tiny_config
+from conftest import ROOT, TESTS
 
-ROOT = Path(__file__).parents[1]
-WORKER = str(Path(__file__).with_name("training_worker.py"))
+WORKER = str(TESTS / "training_worker.py")
 RUN = {"steps": 20, "checkpoint.every": 3, "checkpoint.max_to_keep": 2}
 
 

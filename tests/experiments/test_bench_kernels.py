@@ -1,11 +1,10 @@
 """experiments/bench_kernels.py runs end to end in interpret mode on tiny shapes and prints its
 three tables with finite ratios."""
 import math
-import os
 import subprocess
 import sys
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ["--config.lengths=256,", "--config.batch_sizes=1,", "--config.ratios=0,0.75", "--config.prefill_lengths=128,",
          "--config.window_prefill_length=256", "--config.num_heads=4", "--config.num_kv_heads=2",
          "--config.head_dim=64", "--config.dtype=float32", "--config.repeats=1", "--config.copy_mib=8"]

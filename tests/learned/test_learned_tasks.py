@@ -22,8 +22,8 @@ from tokcomp_jax.learned.gist import gist_press
 from tokcomp_jax.training import ConfigError, Trainer, read_metrics, train
 from tokcomp_jax.training.checkpoint import Checkpoints
 from training_worker import tiny_config
+from conftest import ROOT
 
-ROOT = Path(__file__).parents[1]
 CONTEXT, GISTS = 48, 6
 
 

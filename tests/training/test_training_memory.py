@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import ml_collections
@@ -19,9 +18,9 @@ from tokcomp_jax.models.llama import Llama
 from tokcomp_jax.testing import KEEP_REMAT_ON_CPU, TINY_CONFIG
 from tokcomp_jax.training import Trainer
 from training_worker import tiny_config
+from conftest import ROOT, TESTS
 
-ROOT = Path(__file__).parents[1]
-WORKER = str(Path(__file__).with_name("memory_worker.py"))
+WORKER = str(TESTS / "memory_worker.py")
 # Activations dwarf the weights: 512 tokens, 8 heads of 16, hidden 128; one row per device under fsdp=8.
 ACTIVATION_HEAVY = {"model.overrides": {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 344,
                                         "num_layers": 4, "num_heads": 8, "num_kv_heads": 4, "head_dim": 16},
