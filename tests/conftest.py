@@ -43,6 +43,35 @@ def essay(name: str = "worked.txt") -> str:
         return f.read()
 
 
+SLOW_SECONDS = 60
+_seconds: dict[str, tuple[float, dict]] = {}  # per test: setup + call seconds, and its user properties
+
+
+def pytest_runtest_logreport(report):
+    if report.when in ("setup", "call"):
+        seconds, properties = _seconds.get(report.nodeid, (0.0, {}))
+        _seconds[report.nodeid] = (seconds + report.duration, {**properties, **dict(report.user_properties)})
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Lists the tests whose setup and call took over `SLOW_SECONDS`, with the reason their `slow`
+    marker gives, or without one: those are to be made faster or given a reason."""
+    slow = sorted(((seconds, nodeid, properties) for nodeid, (seconds, properties) in _seconds.items()
+                   if seconds > SLOW_SECONDS), reverse=True)
+    if slow:
+        terminalreporter.section(f"tests over {SLOW_SECONDS} s")
+        for seconds, nodeid, properties in slow:
+            terminalreporter.line(f"{seconds:6.1f}s {nodeid}: {properties.get('slow', 'NO REASON GIVEN')}")
+
+
+@pytest.fixture(autouse=True)
+def _record_slow_reason(request):
+    """Hands a test's `slow(reason=...)` to its report, for `pytest_terminal_summary`."""
+    marker = request.node.get_closest_marker("slow")
+    if marker is not None:
+        request.node.user_properties.append(("slow", marker.kwargs.get("reason", "")))
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Drops the compiled XLA programs after each test module. Every CPU executable keeps memory

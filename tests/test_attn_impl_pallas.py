@@ -106,6 +106,7 @@ def test_backends_are_registered_in_one_place():
         tc.attention.register_backend("flash")
 
 
+@pytest.mark.slow(reason="the real 30-layer model through the Pallas kernels in interpret mode (Python per grid step)")
 def test_smollm2_generates_the_same_greedy_tokens_with_pallas(smollm2):
     """The real model, a real prompt: with and without a press."""
     model, tokenizer = smollm2

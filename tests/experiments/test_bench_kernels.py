@@ -3,6 +3,7 @@ three tables with finite ratios."""
 import math
 import subprocess
 import sys
+
 from conftest import ROOT
 
 SMOKE = ["--config.lengths=256,", "--config.batch_sizes=1,", "--config.ratios=0,0.75", "--config.prefill_lengths=128,",

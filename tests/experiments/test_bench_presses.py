@@ -2,8 +2,10 @@
 import math
 import subprocess
 import sys
-from conftest import ROOT
 
+import pytest
+
+from conftest import ROOT
 
 
 def _bench(*flags):
@@ -11,6 +13,7 @@ def _bench(*flags):
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
+@pytest.mark.slow(reason="loads SmolLM2 in both JAX and PyTorch and times every press on both")
 def test_smoke_run_prints_a_row_per_press():
     run = _bench("--config.lengths=32,", "--config.presses=knorm,streaming_llm", "--config.repeats=1")
     assert run.returncode == 0, run.stderr[-3000:]

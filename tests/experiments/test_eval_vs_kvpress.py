@@ -3,8 +3,10 @@ agree where the selections are the same."""
 import json
 import subprocess
 import sys
-from conftest import ROOT
 
+import pytest
+
+from conftest import ROOT
 
 
 def _run(*flags):
@@ -12,6 +14,7 @@ def _run(*flags):
                            *flags], capture_output=True, text=True, cwd=ROOT, timeout=900)
 
 
+@pytest.mark.slow(reason="loads SmolLM2 in both JAX and PyTorch and runs kvpress's pipeline next to ours")
 def test_smoke_run_compares_both_sides_on_the_same_cases(tmp_path):
     output = tmp_path / "side_by_side.json"
     run = _run("--config.num_cases=2", "--config.presses=none,knorm", "--config.length=200",

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import filelock
 import jax
 import ml_collections
 import numpy as np
@@ -201,10 +202,29 @@ def test_eval_script_scores_every_method_on_held_out_windows(gist_run, tmp_path)
         "context", "context", "knorm"]
 
 
-@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "compressors").glob("*.safetensors")))
-def test_committed_compressors_carry_their_context_on_held_out_essays(path, tmp_path):
-    eval_compressors(path, tmp_path, "observed_attention")
-    (result,) = json.loads((tmp_path / "results.json").read_text())
+COMMITTED = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "compressors").glob("*.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def committed_results(tmp_path_factory):
+    """experiments/eval_compressors.py on every committed compressor in one run, which loads
+    SmolLM2 and compiles its programs once for all of them; the first test worker to ask runs it,
+    the others read its results (a lock in the directory xdist's workers share)."""
+    run_directory = tmp_path_factory.getbasetemp()  # under xdist, a worker's directory inside the run's
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        run_directory = run_directory.parent
+    shared = run_directory / "committed_compressors"
+    shared.mkdir(exist_ok=True)
+    with filelock.FileLock(str(shared / "lock")):
+        if not (shared / "results.json").exists():
+            eval_compressors(",".join(COMMITTED), shared, "observed_attention")
+    return {result["file"]: result for result in json.loads((shared / "results.json").read_text())}
+
+
+@pytest.mark.slow(reason="one run scores the four committed compressors on SmolLM2: the first test runs it")
+@pytest.mark.parametrize("path", COMMITTED)
+def test_committed_compressors_carry_their_context_on_held_out_essays(path, committed_results):
+    result = committed_results[path]
     nll = result["nll"]
     assert nll["full context"] < nll[f"{result['task']} (trained)"] < nll["no context"] - 0.3
     assert result["setup"]["model"]["name"] == "smollm2-135m-instruct"
