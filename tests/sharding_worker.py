@@ -108,6 +108,7 @@ def main():
 
     results["param_specs"], results["forward_max_diff"] = {}, {}
     reference = np.asarray(jax.jit(functools.partial(forward, graphdef))(state, ids[:, :16]))
+    results["forward_magnitude"] = float(np.max(np.abs(reference)))
     for name, kwargs in {"8x1x1": dict(data=8), **LAYOUTS}.items():
         mesh = make_mesh(**kwargs)
         sharded = shard_state(state, mesh)
@@ -138,7 +139,11 @@ def main():
     optimizer_state = nnx.state(nnx.Optimizer(model, tx, wrt=nnx.Param))
     results["nnx_optimizer_specs"] = leaf_specs(shardings_like(optimizer_state, ps))
 
-    results["losses"] = {"1": train(graphdef, state, ids)[0]}
+    losses, trained, _ = train(graphdef, jax.tree.map(jnp.copy, state), ids)
+    results["losses"] = {"1": losses}
+    # The largest |logit| of the training's inputs, at its first and its last parameters.
+    results["train_logits_magnitude"] = max(float(np.max(np.abs(np.asarray(forward(graphdef, params, ids[:, :-1])))))
+                                            for params in (state, trained))
     for name, kwargs in LAYOUTS.items():
         mesh = make_mesh(**kwargs)
         losses, params, opt_state = train(graphdef, state, ids, mesh)

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 import tokcomp_jax as tc
 from tokcomp_jax.sharding import (DEFAULT_RULES, MESH_AXES, initialize_distributed, logical_to_spec, make_mesh,
                                   param_logical_axes)
+from tolerances import model_tolerance, training_losses
 
 SHAPES = dict(head_dim=32, num_heads=4, num_kv_heads=2, hidden_size=64, intermediate_size=128)
 
@@ -231,8 +232,10 @@ def test_batch_sharding_splits_rows_over_data_and_fsdp(worker):
 
 def test_sharded_forward_matches_unsharded(worker):
     assert set(worker["forward_max_diff"]) == {"2x2x2", "2x4x1"}
+    # The worker's 8 rows of 16 tokens; tensor and FSDP shards sum the layers' products in other orders.
+    tolerance = model_tolerance(tc.testing.tiny_llama(**SHAPES).config, 16, worker["forward_magnitude"])
     for layout, diff in worker["forward_max_diff"].items():
-        assert diff < 1e-5, layout
+        assert diff <= tolerance, layout
 
 
 @pytest.mark.parametrize("which", ["adamw_specs", "adamw_placed_specs", "nnx_optimizer_specs"])
@@ -254,8 +257,11 @@ def test_optimizer_state_mirrors_param_shardings(worker, which):
 def test_sharded_train_steps_match_one_device(worker):
     losses = worker["losses"]
     assert losses["1"][-1] < losses["1"][0]
+    # 5 AdamW steps on the worker's 8 rows of 17 tokens: the meshes sum in other orders.
+    tolerance = training_losses(tc.testing.tiny_llama(**SHAPES).config, 16, 8 * 16, losses["1"],
+                                worker["train_logits_magnitude"])
     for layout in ("2x2x2", "2x4x1"):
-        np.testing.assert_allclose(losses[layout], losses["1"], rtol=1e-4, atol=0)
+        np.testing.assert_array_less(np.abs(np.subtract(losses[layout], losses["1"])), tolerance)
         assert worker["trained_state_keeps_sharding"][layout]
 
 

@@ -17,9 +17,12 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from tokcomp_jax.training import Checkpoints, Trainer, read_metrics, train
+from tokcomp_jax.training.loop import load_model
 
 CONFIG = Path(__file__).parents[1] / "configs" / "train_tiny.py"
 
@@ -32,6 +35,25 @@ def tiny_config(overrides: dict):
     config = module.get_config()
     config.update_from_flattened_dict(overrides)
     return config
+
+
+def model_config(config):
+    """The ModelConfig of the model `config` trains."""
+    return load_model(config)[0].config
+
+
+def logits_magnitude(config, trained_states, batches) -> float:
+    """The largest |logit| of the model `config` trains (trainable "full") with each of
+    `trained_states`' parameters, over the inputs of each of `batches` (`[rows, window]` ids)."""
+    graphdef = nnx.graphdef(load_model(config)[0])
+    largest = 0.0
+    for trained in trained_states:
+        model = nnx.merge(graphdef, jax.device_get(trained["model"]))
+        for ids in batches:
+            inputs = jnp.asarray(np.asarray(ids))[:, :-1]
+            logits, _, _ = model(inputs, model.init_cache(*inputs.shape), jnp.ones(inputs.shape, bool))
+            largest = max(largest, float(jnp.abs(logits).max()))
+    return largest
 
 
 def block_at(step: int, workdir: str):

@@ -13,6 +13,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common import uniform_starts
 from pallas_kernels.prefill_attention import prefill_attention, prefill_attention_reference
 from pallas_kernels.prefill_attention.kernel import visible_stops
+from tolerances import attention_tolerance, logsumexp_tolerance, roundoff, score_magnitude
 
 BACKENDS = ("gpu", "tpu")
 
@@ -82,15 +83,30 @@ CASES = {
 }
 
 
-def assert_matches(got, want, dtype):
+def assert_matches(args, got, want, scale=None):
+    """Output and lse equal the reference's up to `attention_tolerance` and `logsumexp_tolerance`
+    over the longest segment, with the inputs' score magnitude and the largest Σ_n p_n·|v_n| of an
+    output as value magnitude (the reference over |values|). In bfloat16 the output also carries the
+    kernel's rounding of the probabilities to bfloat16 before the value product (one side:
+    u·Σ p|v|) and each side's rounding of the output (one bfloat16 ulp of it); the scores and lse
+    are float32 sums of exact products on both sides."""
+    q, keys, values, _, lengths = args[:5]
     (out, lse), (ref_out, ref_lse) = got, want
     assert out.shape == ref_out.shape and out.dtype == ref_out.dtype
     assert lse.shape == ref_lse.shape and lse.dtype == jnp.float32
-    out_tol, lse_tol = (1e-5, 1e-5) if dtype == jnp.float32 else (2e-2, 1e-4)
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32), rtol=0, atol=out_tol)
+    keys_seen, head_dim = int(lengths.max()), q.shape[-1]
+    scores = score_magnitude(q, keys, head_dim ** -0.5 if scale is None else scale)
+    q32, keys32, abs_values = (x.astype(jnp.float32) for x in (q, keys, jnp.abs(values)))
+    value_magnitude = float(prefill_attention_reference(q32, keys32, abs_values, *args[3:], scale=scale)[0].max())
+    out, ref_out = np.asarray(out, np.float32), np.asarray(ref_out, np.float32)
+    out_tol = attention_tolerance(keys_seen, head_dim, value_magnitude, scores)
+    if q.dtype == jnp.bfloat16:
+        out_tol += roundoff(jnp.bfloat16) * (value_magnitude + 2 * np.abs(ref_out).max())
+    np.testing.assert_allclose(out, ref_out, rtol=0, atol=out_tol)
     lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
     seen = np.isfinite(ref_lse)
+    lse_tol = logsumexp_tolerance(keys_seen, head_dim, scores, np.abs(ref_lse[seen]).max(initial=0.0))
     np.testing.assert_allclose(lse[seen], ref_lse[seen], rtol=0, atol=lse_tol)
 
 
@@ -104,19 +120,21 @@ DTYPED_CASES = [pytest.param(name, jnp.float32, id=f"{name}-f32") for name in CA
 def test_kernel_matches_reference(name, dtype, backend):
     args = make_case(**CASES[name], dtype=dtype)
     got = prefill_attention(*args, backend=backend, **small_blocks(backend, CASES[name]["group"]))
-    assert_matches(got, prefill_attention_reference(*args), dtype)
+    assert_matches(args, got, prefill_attention_reference(*args))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_default_blocks_match_reference(backend):
     args = make_case(**CASES["gqa3_ragged"])
-    assert_matches(prefill_attention(*args, backend=backend, scale=0.3),
-                   prefill_attention_reference(*args, scale=0.3), jnp.float32)
+    assert_matches(args, prefill_attention(*args, backend=backend, scale=0.3),
+                   prefill_attention_reference(*args, scale=0.3), scale=0.3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_plain_causal_attention(backend):
-    """A cache holding exactly the chunk, at positions 0..T-1: ordinary causal GQA attention."""
+    """A cache holding exactly the chunk, at positions 0..T-1: ordinary causal GQA attention (XLA's
+    dense attention and a float32 logsumexp, other orders of the same sums: `attention_tolerance`
+    and `logsumexp_tolerance` over the T keys)."""
     batch, steps, kv_heads, group, head_dim = 2, 37, 2, 4, 64
     rng = np.random.default_rng(4)
     q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
@@ -128,12 +146,17 @@ def test_plain_causal_attention(backend):
                                  jnp.tile(jnp.arange(steps, dtype=jnp.int32), (batch, 1)), backend=backend,
                                  **small_blocks(backend, group))
     want = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    np.testing.assert_allclose(out, want, rtol=0, atol=1e-5)
+    want_abs = jax.nn.dot_product_attention(q, k, jnp.abs(v), is_causal=True)  # Σ p|v|: the value magnitude
+    scores_magnitude = score_magnitude(q.reshape(batch, steps * kv_heads * group, head_dim),
+                                       k.reshape(batch, steps * kv_heads, head_dim), head_dim ** -0.5)
+    np.testing.assert_allclose(out, want, rtol=0,
+                               atol=attention_tolerance(steps, head_dim, jnp.abs(want_abs).max(), scores_magnitude))
     scores = jnp.einsum("bthgd,bshd->bhgts", q.reshape(batch, steps, kv_heads, group, head_dim), k,
                         precision=jax.lax.Precision.HIGHEST) * head_dim ** -0.5
     causal = jnp.tril(jnp.ones((steps, steps), bool))
     want_lse = jax.nn.logsumexp(jnp.where(causal, scores, -jnp.inf), axis=-1)
-    np.testing.assert_allclose(lse, want_lse.reshape(batch, kv_heads * group, steps), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(lse, want_lse.reshape(batch, kv_heads * group, steps), rtol=0,
+                               atol=logsumexp_tolerance(steps, head_dim, scores_magnitude, np.abs(want_lse).max()))
 
 
 MAX_SEGMENT_CASES = {
@@ -150,7 +173,7 @@ def test_max_segment_bounds_the_key_blocks(name, backend):
     case, max_segment = MAX_SEGMENT_CASES[name]
     args = make_case(**case)
     got = prefill_attention(*args, max_segment=max_segment, backend=backend, **small_blocks(backend, case["group"]))
-    assert_matches(got, prefill_attention_reference(*args), jnp.float32)
+    assert_matches(args, got, prefill_attention_reference(*args))
 
 
 def test_visible_stops_bound_the_causal_prefix():

@@ -8,6 +8,7 @@ import torch
 
 import tokcomp_jax as tc
 from conftest import essay
+from tolerances import log_probability, model_tolerance
 
 
 def _hf_ids(hf_tokenizer, text):
@@ -52,7 +53,11 @@ def test_per_token_nll_matches_transformers(smollm2, hf_smollm2):
         logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
         return -logp[np.arange(len(ids) - 1), ids[1:]]
 
-    assert np.max(np.abs(nll(logits) - nll(hf_logits))) <= 1e-3
+    # The network in two float32 orders (ours in chunks of 256, transformers' at once), then the
+    # same log-softmax, in float64, on both sides.
+    logits_tolerance = model_tolerance(model.config, len(ids), np.abs(hf_logits).max())
+    tolerance = log_probability(logits_tolerance, model.config.vocab_size, np.float64)
+    assert np.max(np.abs(nll(logits) - nll(hf_logits))) <= tolerance
     np.testing.assert_array_equal(logits.argmax(-1), hf_logits.argmax(-1))
 
 
@@ -71,7 +76,11 @@ def test_cached_decode_equals_full_forward_on_ragged_batch(smollm2):
         full = prompts[row] + continuation[row][:31]
         reference, _ = tc.prefill(model, [full], all_logits=True)
         decoded = np.stack([np.asarray(s[row]) for s in steps])
-        np.testing.assert_allclose(decoded, np.asarray(reference[0, len(prompts[row]) - 1:]), atol=1e-4, rtol=0)
+        expected = np.asarray(reference[0, len(prompts[row]) - 1:])
+        # One network over the same tokens, summed in two orders (a cache of 80 slots and one key at
+        # a time, against the padded prefill).
+        tolerance = model_tolerance(model.config, len(full), np.abs(expected).max())
+        np.testing.assert_allclose(decoded, expected, atol=tolerance, rtol=0)
 
 
 def test_generate_matches_transformers_greedy(smollm2, hf_smollm2):

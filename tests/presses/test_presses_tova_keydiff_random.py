@@ -12,6 +12,7 @@ from tokcomp_jax.presses.keydiff import keydiff
 from tokcomp_jax.presses.random_press import random
 from tokcomp_jax.presses.tova import _mean_over_heads, tova
 from press_helpers import EIGHT_ROWS, kept_positions, random_rows
+from tolerances import gamma, roundoff
 
 PRESSES = {"tova": tova, "keydiff": keydiff, "random": random}
 
@@ -60,7 +61,9 @@ def test_tova_budget_of_one_keeps_the_last_token(model):
 
 def test_tova_averages_heads_by_token_even_when_kv_heads_hold_different_entries():
     """After a per-head press (e.g. in a chain) KV heads hold different tokens: each entry gets the
-    attention its token draws in every KV head that still holds it."""
+    attention its token draws in every KV head that still holds it. Against the float64 sums here,
+    the float32 side rounds the inputs and the division (2u) and sums at most `kv_heads` positive
+    terms (γ̃(kv_heads)), relative."""
     rng = np.random.default_rng(0)
     batch, kv_heads, capacity = 2, 3, 12
     positions = np.full((batch, kv_heads, capacity), -1)
@@ -80,7 +83,8 @@ def test_tova_averages_heads_by_token_even_when_kv_heads_hold_different_entries(
                 by_token[positions[b, k, c]] = by_token.get(positions[b, k, c], 0.0) + attention[b, k, c]
         for k in range(kv_heads):
             for c in range(lengths[b, k]):
-                assert got[b, k, c] == pytest.approx(by_token[positions[b, k, c]] / 6, rel=1e-6)
+                relative = gamma(kv_heads) + 2 * roundoff(np.float32)
+                assert got[b, k, c] == pytest.approx(by_token[positions[b, k, c]] / 6, rel=relative, abs=0)
 
 
 def test_random_is_deterministic_given_the_seed_and_covers_the_budget(model):
