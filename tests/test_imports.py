@@ -2,8 +2,9 @@
 package, and no module imports itself back through others.
 
 Every `import` and `from ... import` of every module counts, at module level or inside a function.
-An import of `a.b.c` is an edge to the module `a.b.c` (not to the packages above it); `from a.b
-import c` is an edge to `a.b.c` where `c` is a submodule, and to the package `a.b` otherwise.
+An import of `a.b.c` is an edge to the module `a.b.c` and to the packages `a.b` and `a` above it,
+since Python runs their `__init__` first (the importing module's own packages are already running and
+count only where named); `from a.b import c` is an edge to `a.b.c` where `c` is a submodule, and to `a.b` otherwise.
 """
 from __future__ import annotations
 
@@ -136,12 +137,16 @@ def imported_modules(node: ast.Import | ast.ImportFrom, module: str, is_package:
             package = module.split(".") if is_package else module.split(".")[:-1]
             base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
         names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+    own_packages = {module.rsplit(".", depth)[0] for depth in range(1, module.count(".") + 1)} | (
+        {module} if is_package else set())
     found = []
     for name in names:
         while name and name not in modules:
             name = name.rpartition(".")[0]
-        if name and name not in found:
-            found.append(name)
+        enclosing = [name.rsplit(".", depth)[0] for depth in range(1, name.count(".") + 1)]
+        for target in [name] + [package for package in enclosing if package not in own_packages]:
+            if target and target not in found:
+                found.append(target)
     return found
 
 
@@ -172,6 +177,14 @@ def test_the_graph_holds_every_module_and_its_function_level_imports(graph):
 def test_boundary(graph, rule):
     violations = boundary_violations(graph, [rule])
     assert not violations, "\n".join(violations)
+
+
+def test_an_import_reaches_the_packages_above_the_module(graph):
+    """Importing `tokcomp_jax.training.lora` runs `tokcomp_jax/training/__init__.py` first: a cycle
+    through a package's `__init__` fails at import time although no module names it."""
+    icae = {edge.target for edge in graph["tokcomp_jax.learned.icae"]}
+    assert {"tokcomp_jax.training.lora", "tokcomp_jax.training"} <= icae
+    assert "tokcomp_jax.learned" not in icae  # its own package is already running
 
 
 def test_no_import_cycles(graph):
@@ -208,7 +221,10 @@ def test_imports_resolve_submodules_packages_and_relative_names():
     statement = lambda text: ast.parse(text).body[0]
     assert imported_modules(statement("from pkg.sub import mod, name"), "pkg.other", False, modules) == [
         "pkg.sub.mod", "pkg.sub"]
-    assert imported_modules(statement("import pkg.sub.mod.thing, numpy"), "pkg", True, modules) == ["pkg.sub.mod"]
+    assert imported_modules(statement("import pkg.sub.mod.thing, numpy"), "pkg", True, modules) == [
+        "pkg.sub.mod", "pkg.sub"]
+    assert imported_modules(statement("from pkg.sub.mod import name"), "outside", False, modules | {"outside"}) == [
+        "pkg.sub.mod", "pkg.sub", "pkg"]
     assert imported_modules(statement("from . import mod"), "pkg.sub", True, modules) == ["pkg.sub.mod"]
     assert imported_modules(statement("from ..other import name"), "pkg.sub.mod", False, modules) == ["pkg.other"]
     assert imported_modules(statement("from .. import name"), "pkg.sub.mod", False, modules) == ["pkg"]

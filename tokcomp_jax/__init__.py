@@ -6,7 +6,8 @@
 >>> logits.shape, cache.lengths.shape, cache.positions[0].shape
 ((2, 64), (2, 2, 2), (2, 2, 8))
 """
-from tokcomp_jax import attention, compression, evaluation, learned, presses, testing
+from tokcomp_jax import attention, compression, evaluation, learned, presses, testing, training
+from tokcomp_jax.learned import tasks as _learned_tasks  # noqa: F401  (registers the training tasks "gist" and "icae")
 from tokcomp_jax.cache import KVCache, LayerCache, RaggedLayerCache
 from tokcomp_jax.checkpoints import CheckpointError, Tokenizer, load
 from tokcomp_jax.generation import (Generation, answer_questions, decode, generate, generate_ids, pad_batch,
@@ -20,4 +21,5 @@ __all__ = [
     "load", "prefill", "decode", "generate", "generate_ids", "answer_questions", "pad_batch", "Generation",
     "KVCache", "LayerCache", "RaggedLayerCache", "Llama", "ModelConfig", "Tokenizer", "SamplingConfig",
     "CheckpointError", "attention", "compression", "evaluation", "learned", "presses", "testing",
+    "training",
 ]

@@ -2,10 +2,10 @@
 
 `train(config, workdir)` runs (and resumes) a config made from `base_config()`; the command line is
 `experiments/train.py --config=configs/train_tiny.py --workdir=DIR`. New methods plug in as tasks
-(`register_task`, see `tokcomp_jax.training.tasks`); the language-modelling task "lm" and the learned
-compressors' "gist" and "icae" (`tokcomp_jax.learned.tasks`) are registered on import.
+(`register_task`, see `tokcomp_jax.training.tasks`); the language-modelling task "lm" is built in, and
+the learned compressors' "gist" and "icae" register when `tokcomp_jax.learned.tasks` is imported
+(`import tokcomp_jax` does it); training does not import them.
 """
-import tokcomp_jax.learned.tasks  # noqa: F401  (registers "gist" and "icae")
 from tokcomp_jax.training.checkpoint import Checkpoints
 from tokcomp_jax.training.config import base_config, check_config
 from tokcomp_jax.training.data import ByteTokenizer, DataSource, TokenWindows
