@@ -2,25 +2,29 @@
 
 A backend (`AttentionBackend`) computes a chunk's attention over the cache and each entry's
 attention mass for the presses' scorers. Models pick one by name (`attn_impl`) and call
-`attention`; scorers receive it in their `Observation`. Registered here: "xla" (the reference, the
-default) and "pallas" (`pallas_kernels`: a split-K decode kernel over the compressed cache, a
-flash prefill kernel that also returns each query's log-sum-exp, and a per-key attention-mass
-kernel; interpreted on CPU). Both see the same entries: valid slots at token positions at or
-before the query's. A request a backend cannot serve raises, naming the backend and what it lacks;
-nothing falls back to another backend.
+`attention`; scorers receive it in their `Observation`. Registered here: "xla" (the default:
+`blockwise_attention` over a uniform cache, block by block over the slots the queries can see; the
+dense `attend` is its reference and serves ragged caches) and "pallas" (`pallas_kernels`: a split-K
+decode kernel over the compressed cache, a flash prefill kernel that also returns each query's
+log-sum-exp, and a per-key attention-mass kernel; interpreted on CPU). Both see the same entries:
+valid slots at token positions at or before the query's. A request a backend cannot serve raises,
+naming the backend and what it lacks; nothing falls back to another backend.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from pallas_kernels.common import uniform_starts
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.prefill_attention import prefill_attention
 from pallas_kernels.window_scores import window_scores
+from tokcomp_jax.blockwise_attention import blockwise_attend
 from tokcomp_jax.cache import LayerCache, RaggedLayerCache
 
 class AttentionStats(NamedTuple):
@@ -135,10 +139,42 @@ def pallas_attention_mass(layer: LayerCache | RaggedLayerCache, queries: Float[A
     return head_view(layer, mass)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def blockwise_forward_dense_backward(sliding_window, queries, keys, values, positions, lengths, query_positions,
+                                     extra_mask):
+    """`blockwise_attend` forward; differentiated, it keeps only its inputs and the backward pass is
+    `attend`'s, recomputed layer by layer (a scan's backward would hold every block's scores at once,
+    and more of them than the dense scores under per-layer rematerialisation)."""
+    return blockwise_attend(queries, LayerCache(keys, values, positions, lengths), query_positions,
+                            sliding_window=sliding_window, extra_mask=extra_mask)
+
+
+def _blockwise_forward(sliding_window, *inputs):
+    return blockwise_forward_dense_backward(sliding_window, *inputs), inputs
+
+
+def _dense_backward(sliding_window, inputs, cotangent):
+    queries, keys, values, positions, lengths, query_positions, extra_mask = inputs
+    _, vjp = jax.vjp(lambda q, k, v: attend(q, LayerCache(k, v, positions, lengths), query_positions,
+                                            sliding_window=sliding_window, extra_mask=extra_mask), queries, keys, values)
+    no_gradient = [None if x is None else np.zeros(x.shape, jax.dtypes.float0)
+                   for x in (positions, lengths, query_positions, extra_mask)]
+    return (*vjp(cotangent), *no_gradient)
+
+
+blockwise_forward_dense_backward.defvjp(_blockwise_forward, _dense_backward)
+
+
 def xla_attention(queries, layer, query_positions, *, sliding_window=None, extra_mask=None, key_probs=False):
-    """`attend` as a backend: no statistics on the side (`key_probs` is a request it may ignore)."""
+    """The XLA backend: `blockwise_attend` over a uniform cache (`attend`'s gradients), `attend` over a
+    ragged one (whose KV heads share one pool); no statistics on the side (`key_probs` is a request it
+    may ignore)."""
     del key_probs
-    out = attend(queries, layer, query_positions, sliding_window=sliding_window, extra_mask=extra_mask)
+    if isinstance(layer, RaggedLayerCache):
+        out = attend(queries, layer, query_positions, sliding_window=sliding_window, extra_mask=extra_mask)
+    else:
+        out = blockwise_forward_dense_backward(sliding_window, queries, layer.keys, layer.values, layer.positions,
+                                               layer.lengths, query_positions, extra_mask)
     return out, AttentionStats()
 
 
