@@ -1,13 +1,23 @@
 """The `tokcomp-jax` command, run as a user would."""
+import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 
-def _cli(*args):
+def _cli(*args, cache_home=None):
+    """Runs the command; its persistent compilation cache goes under `cache_home` (default: off)."""
+    if cache_home is None:
+        args = (*args, "--compilation_cache=")
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_home or "/nonexistent")}
     return subprocess.run([sys.executable, "-m", "tokcomp_jax.cli", *args], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
+
+
+def _compile_seconds(stderr: str) -> float:
+    return float(re.search(r"of these, compilation ([0-9.]+) s", stderr).group(1))
 
 
 @pytest.mark.parametrize("attn_impl", ["xla", "pallas"])
@@ -16,13 +26,27 @@ def test_generate_answers_paris(attn_impl):
                   "--attn_impl", attn_impl)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout and f"attention {attn_impl}" in result.stderr
-    assert "prefill:" in result.stderr and "tok/s" in result.stderr
+    assert "prefill:" in result.stderr and "decode:" in result.stderr and _compile_seconds(result.stderr) > 0
 
 
-def test_generate_with_a_press_reports_a_smaller_cache():
+def test_compiled_programs_persist_in_the_user_cache_directory(tmp_path):
+    """By default compiled programs go to $XDG_CACHE_HOME/tokcomp_jax/xla, and a second run reads
+    them instead of compiling; --compilation_cache= turns that off."""
+    args = ("generate", "--prompt", "Hi", "--max_new_tokens", "4")
+    first = _cli(*args, cache_home=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert len(list((tmp_path / "tokcomp_jax" / "xla").iterdir())) >= 2  # prefill and decode
+    second = _cli(*args, cache_home=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert _compile_seconds(second.stderr) < 0.6 * _compile_seconds(first.stderr)
+    assert second.stdout == first.stdout
+
+
+def test_generate_with_a_press_reports_a_smaller_cache(tmp_path):
     result = _cli("generate", "--prompt", "What is the capital of France?", "--max_new_tokens", "8",
-                  "--press", "streaming_llm", "--ratio", "0.5")
+                  "--press", "streaming_llm", "--ratio", "0.5", "--compilation_cache=", cache_home=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "tokcomp_jax").exists()  # the cache was turned off
     cache_mib = float(result.stderr.split("cache: ")[1].split(" MiB")[0])
     # Without a press: 37 prompt tokens padded to 64, plus 8 new, at 46,440 bytes per token.
     assert cache_mib < 0.8 * (64 + 8) * 46440 / 2**20

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 DEFAULT_CHUNK_SIZE = 512  # tokens a prompt is run in at a time
+CAPACITY_QUANTUM = 256  # cache slots that capacities are rounded up to (the XLA attention's block)
 
 
 def pad_batch(ids, lengths=None, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -37,6 +38,12 @@ def padded_length(n: int, chunk_size: int) -> int:
     if n > chunk_size:
         return -(-n // chunk_size) * chunk_size
     return 1 << max(n - 1, 0).bit_length()
+
+
+def bucketed_capacity(n: int) -> int:
+    """Rounds a cache capacity up to a multiple of `CAPACITY_QUANTUM` slots, so that batches of
+    similar lengths share their compiled programs."""
+    return -(-n // CAPACITY_QUANTUM) * CAPACITY_QUANTUM
 
 
 def check_token_ids(ids: np.ndarray, vocab_size: int) -> None:

@@ -52,12 +52,33 @@ _DATA = flags.DEFINE_string("data", None, "eval: a JSONL file of {context, quest
 _CASES = flags.DEFINE_integer("num_cases", 4, "eval: cases per context length (needles at evenly spread depths).")
 _BATCH = flags.DEFINE_integer("batch_size", 4, "eval: cases run together in one batch.")
 _QUERY_AWARE = flags.DEFINE_bool("query_aware", False, "eval: compress the context with the question in it.")
+_XLA_CACHE = flags.DEFINE_string(
+    "compilation_cache", None, "Directory of the persistent XLA compilation cache, so that a second run starts "
+    "without compiling (default: $XDG_CACHE_HOME/tokcomp_jax/xla, ~/.cache when unset); an empty "
+    "value (--compilation_cache=) turns it off.")
 _OUTPUT = flags.DEFINE_string("output_dir", "eval_results", "eval: where results.jsonl, report.md and report.png go; "
                               "a rerun resumes from results.jsonl.")
 
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def compilation_cache_dir() -> str | None:
+    """The persistent compilation cache's directory that `--compilation_cache` asks for (None: off)."""
+    if _XLA_CACHE.present:
+        return _XLA_CACHE.value or None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "tokcomp_jax", "xla")
+
+
+def _use_compilation_cache() -> None:
+    directory = compilation_cache_dir()
+    if directory is None:
+        return
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # programs worth a file
+    jax.config.update("jax_compilation_cache_max_size", 4 << 30)  # also turns on the cache's file lock
 
 
 def _load():
@@ -83,20 +104,21 @@ def generate_command() -> None:
     prompts = _PROMPT.value
     ids = encode_prompts(tokenizer, prompts, _CHAT.value and tokenizer.chat_template is not None)
     show = text_streamer(tokenizer, 1, lambda _, text: print(text, end="", flush=True))
+    clock, start = runner.CompileClock(), time.time()
     result = generate_ids(model, ids, max_new_tokens=_MAX_NEW.value, sampling=sampling,
                           stop_ids=stop_token_ids(tokenizer, ()), seed=_SEED.value,
                           chunk_size=_CHUNK.value, pad_id=tokenizer.pad_id,
                           on_tokens=show if len(prompts) == 1 else None, press=press)
+    compiled = clock.within(start, time.time())
     if len(prompts) == 1:
         print()
     else:
         for prompt, tokens in zip(prompts, result.tokens):
             print(f"> {prompt}\n{tokenizer.decode(tokens)}\n")
     prompt_tokens = sum(result.prompt_lengths)
-    _log(f"prefill: {prompt_tokens} tokens in {result.prefill_seconds:.2f} s "
-         f"({prompt_tokens / result.prefill_seconds:.0f} tok/s, compilation included); "
-         f"decode: {sum(map(len, result.tokens))} tokens in {result.decode_seconds:.2f} s "
-         f"({result.tokens_per_second:.1f} tok/s); cache: {result.cache.nbytes / 2**20:.2f} MiB")
+    _log(f"prefill: {prompt_tokens} tokens in {result.prefill_seconds:.2f} s; "
+         f"decode: {sum(map(len, result.tokens))} tokens in {result.decode_seconds:.2f} s; "
+         f"of these, compilation {compiled:.2f} s; cache: {result.cache.nbytes / 2**20:.2f} MiB")
 
 
 def _numbers(flag, kind):
@@ -162,6 +184,7 @@ def info_command() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: tokcomp-jax {{{'|'.join(COMMANDS)}}} [--flags]; got {argv[1:]}.")
+    _use_compilation_cache()
     try:
         {"generate": generate_command, "eval": eval_command, "info": info_command}[argv[1]]()
     except ValueError as e:  # bad input (CheckpointError included): a message, not a traceback

@@ -43,7 +43,7 @@ def test_a_sweep_records_every_case_once_with_the_bytes_its_cache_holds(tiny, tm
         assert 0 <= r["score"] <= 1 and r["new_tokens"] <= 4
         assert r["prefill_seconds"] > 0 and r["decode_seconds"] > 0
     depths = [r["depth"] for r in records if r["press"] == "none" and r["length"] == 200]
-    assert depths == pytest.approx([1 / 6, 0.5, 5 / 6], abs=1e-4)
+    assert depths == pytest.approx([1 / 6, 0.5, 5 / 6], abs=5e-5)  # the sweep rounds depths to 4 decimals
 
 
 def test_a_sweep_cut_short_resumes_without_redoing_or_losing_cases(tiny, tmp_path):
@@ -75,7 +75,7 @@ def test_a_sweep_cut_short_resumes_without_redoing_or_losing_cases(tiny, tmp_pat
 
     resumed = run_sweep(model, tokenizer, sweep, path, model_name="tiny", progress=count)
     assert sum(len(b.cases) for b in ran) == len(whole) - len(finished)
-    drop = ("prefill_seconds", "decode_seconds", "compile_seconds")
+    drop = ("prefill_seconds", "decode_seconds", "compile_seconds", "wall_seconds")
     assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == \
         [{k: v for k, v in r.items() if k not in drop} for r in whole]
     with open(path) as f:
@@ -176,7 +176,7 @@ def test_the_perplexity_task_reads_text_within_the_budget(tiny, tmp_path):
 def _record(press, ratio, length, score, kept):
     return {"press": press, "ratio": ratio, "length": length, "score": score, "cache_bytes": kept * 10,
             "full_cache_bytes": length * 10, "context_tokens": length - 8, "question_tokens": 8, "new_tokens": 5,
-            "prefill_seconds": 0.5, "decode_seconds": 0.25}
+            "prefill_seconds": 0.5, "decode_seconds": 0.25, "compile_seconds": 0.125, "wall_seconds": 1.0}
 
 
 def test_the_report_table_holds_accuracy_memory_and_throughput(tmp_path):
@@ -190,9 +190,13 @@ def test_the_report_table_holds_accuracy_memory_and_throughput(tmp_path):
     assert knorm["cache_percent"] == pytest.approx(100 * (256 + 256 + 512) / (512 + 512 + 1024))
     assert knorm["prefill_tps"] == pytest.approx((512 + 512 + 1024) / 1.5)
     assert knorm["decode_tps"] == pytest.approx(15 / 0.75)
+    assert knorm["compile_seconds"] == 3 * 0.125 and knorm["wall_seconds"] == 1.0
     table = reports.markdown_table(records)
     assert table.splitlines()[0].startswith("| press | ratio | acc. @512 | acc. @1024 | acc. (all) |")
-    assert "| knorm | 0.50 | 50.0 | 50.0 | 50.0 |" in table
+    assert table.splitlines()[0].endswith("| compile s | wall s/case | cases |")
+    assert "| knorm | 0.50 | 50.0 | 50.0 | 50.0 |" in table and table.splitlines()[-1].endswith("| 0.4 | 1.00 | 3 |")
+    older = {k: v for k, v in records[0].items() if k != "wall_seconds"}  # records written before wall time was kept
+    assert reports.wall_seconds(older) == 0.5 + 0.25 + 0.125
     path = reports.plot(records, tmp_path / "report.png", "a title")
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -234,6 +238,23 @@ def test_the_compile_clock_counts_compilation_only():
     assert clock.within(middle, end) == 0
 
 
+def test_batches_of_nearby_lengths_run_the_same_compiled_programs(tiny):
+    """Capacities are rounded up to the attention's block, so the sweep's batches of one length (whose
+    contexts differ by a sentence or two) compile once."""
+    _, tokenizer = tiny
+    model = tc.testing.tiny_llama(vocab_size=tokenizer.vocab_size, num_layers=1)  # compiled by no other test
+    sweep = Sweep(presses=("none",), lengths=(150, 180), task="passkey", num_cases=2, max_new_tokens=3)
+    shorter, longer = (runner.make_cases(tokenizer, sweep, length) for length in sweep.lengths)
+    clock = runner.CompileClock()
+    first = runner.run_batch(model, tokenizer, shorter, None, max_new_tokens=3, clock=clock)
+    second = runner.run_batch(model, tokenizer, longer, None, max_new_tokens=3, clock=clock)
+    assert max(r["context_tokens"] for r in first) + 20 < min(r["context_tokens"] for r in second)
+    assert min(r["compile_seconds"] for r in first) > 0
+    assert [r["compile_seconds"] for r in second] == [0, 0]
+    for r in first + second:
+        assert r["wall_seconds"] >= r["prefill_seconds"] + r["decode_seconds"] + r["compile_seconds"] - 1e-6
+
+
 def test_a_corpus_other_than_the_essays_is_part_of_the_task_name(tiny, tmp_path):
     model, tokenizer = tiny
     sweep = Sweep(presses=("none",), lengths=(200,), task="passkey", num_cases=1, max_new_tokens=2, corpus="python")
@@ -260,6 +281,12 @@ def test_the_paired_interval_covers_the_true_ratio_and_narrows_with_pairing():
     better = hardness - 0.1 + rng.normal(0, 0.05, 200)
     ratio, low, high = paired_interval(better, reference)
     assert low < ratio < high < 1 and low < np.exp(-0.1) < high
-    assert high - low < 0.05  # the texts' difficulty, 20x the effect, cancels in the pairs
+    # The texts' difficulty, 20x the effect, cancels in the pairs: the interval is the paired
+    # noise's (a 95% interval, 2 x 1.96 standard errors of a mean of 200 differences of sd
+    # 0.05·√2, in log space, times the ratio), up to the sampling error of a standard deviation
+    # estimated from 200 pairs (6 of its standard errors, 1/√(2·200) relative); unpaired, it
+    # would be the difficulty's (sd 1, 20 times wider).
+    paired = 2 * 1.96 * 0.05 * np.sqrt(2) / np.sqrt(200) * np.exp(-0.1)
+    assert high - low < paired * (1 + 6 / np.sqrt(2 * 200))
     with pytest.raises(ValueError, match="equal-length"):
         paired_interval(better, reference[:10])

@@ -38,10 +38,19 @@ def _rate(records: Sequence[dict], tokens: Callable[[dict], int], seconds: str) 
     return sum(map(tokens, records)) / total if total > 0 else float("nan")
 
 
+def wall_seconds(record: dict) -> float:
+    """A case's share of its batch's wall time (records written before it was kept: the sum of its
+    parts)."""
+    if "wall_seconds" in record:
+        return record["wall_seconds"]
+    return record["prefill_seconds"] + record["decode_seconds"] + record["compile_seconds"]
+
+
 def summary(records: Sequence[dict]) -> list[dict]:
     """One row per (press, ratio), in the records' order: quality (accuracy in %, or perplexity) per
     context length and over all, cache bytes held as a % of the full cache's, prefill and decode
-    tokens/s, number of cases."""
+    tokens/s (compilation left out), compilation seconds, wall seconds per case (everything in),
+    number of cases."""
     if not records:
         raise ValueError("records is empty: run a sweep first.")
     lengths = sorted({r["length"] for r in records})
@@ -56,6 +65,8 @@ def summary(records: Sequence[dict]) -> list[dict]:
             "cache_mib": float(np.mean([r["cache_bytes"] for r in group])) / MIB,
             "prefill_tps": _rate(group, lambda r: r["context_tokens"] + r["question_tokens"], "prefill_seconds"),
             "decode_tps": _rate(group, lambda r: r["new_tokens"], "decode_seconds"),
+            "compile_seconds": sum(r["compile_seconds"] for r in group),
+            "wall_seconds": float(np.mean([wall_seconds(r) for r in group])),
             "cases": len(group),
         })
     return rows
@@ -68,7 +79,7 @@ def markdown_table(records: Sequence[dict]) -> str:
     short = "ppl" if "nll" in records[0] else "acc."
     head = (["press", "ratio"] + [f"{short} @{n}" if n else short for n in lengths] +
             ([f"{short} (all)"] if len(lengths) > 1 else []) +
-            ["cache MiB", "cache % of full", "prefill tok/s", "decode tok/s", "cases"])
+            ["cache MiB", "cache % of full", "prefill tok/s", "decode tok/s", "compile s", "wall s/case", "cases"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["press"], f"{row['ratio']:.2f}"]
@@ -76,7 +87,8 @@ def markdown_table(records: Sequence[dict]) -> str:
         cells += ["" if a is None else f"{a:.{digits}f}" for a in row["by_length"].values()]
         cells += [f"{row['overall']:.{digits}f}"] if len(lengths) > 1 else []
         cells += [f"{row['cache_mib']:.1f}", f"{row['cache_percent']:.1f}", f"{row['prefill_tps']:.0f}",
-                  f"{row['decode_tps']:.1f}", str(row["cases"])]
+                  f"{row['decode_tps']:.1f}", f"{row['compile_seconds']:.1f}", f"{row['wall_seconds']:.2f}",
+                  str(row["cases"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

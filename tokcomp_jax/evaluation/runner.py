@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import jax
 
+from tokcomp_jax.batching import bucketed_capacity
 from tokcomp_jax.data.corpora import CORPORA
 from tokcomp_jax.evaluation.data import read_jsonl
 from tokcomp_jax.evaluation.perplexity import perplexity
@@ -188,12 +189,13 @@ def run_batch(model, tokenizer, cases: Sequence[Case], press, *, max_new_tokens:
               chunk_size: int = DEFAULT_CHUNK_SIZE, clock: CompileClock | None = None) -> list[dict]:
     """Answers a batch of cases greedily, the context compressed by `press` (None: the full cache),
     and measures each: prediction, score, cache bytes held after compression and those of the full
-    cache, context and question tokens, and per-case prefill and decode seconds (the batch's time
-    divided by its rows, compilation left out)."""
+    cache, context and question tokens, and per-case seconds (the batch's divided by its rows):
+    prefill and decode with compilation left out, compilation, and the wall time of all of it."""
     clock = clock or CompileClock()
     encoded = [encode_case(tokenizer, case, query_aware) for case in cases]
     contexts, questions = [c for c, _ in encoded], [q for _, q in encoded]
-    capacity = max(map(len, contexts)) + max(map(len, questions)) + max_new_tokens
+    # Rounded up, so that the sweep's batches of one length run the same compiled programs.
+    capacity = bucketed_capacity(max(map(len, contexts)) + max(map(len, questions)) + max_new_tokens)
     start = time.time()
     _, cache = prefill(model, contexts, press=press, capacity=capacity, chunk_size=chunk_size)
     jax.block_until_ready(cache)
@@ -217,7 +219,7 @@ def run_batch(model, tokenizer, cases: Sequence[Case], press, *, max_new_tokens:
             "cache_bytes": int(nbytes), "full_cache_bytes": len(context) * per_token,
             "new_tokens": len(tokens), "prefill_seconds": prefill_seconds / rows,
             "decode_seconds": decode_seconds / rows, "compile_seconds": clock.within(start, answered) / rows,
-            "batch_size": rows,
+            "wall_seconds": (answered - start) / rows, "batch_size": rows,
         })
     return records
 
@@ -226,7 +228,8 @@ def run_perplexity_batch(model, tokenizer, cases: Sequence[Case], press, *, chun
                          clock: CompileClock | None = None) -> list[dict]:
     """Reads a batch of texts with the cache compressed while it fills (see `perplexity`) and
     measures each: mean negative log-likelihood per token, tokens scored, cache bytes held at the end
-    and those of the full cache, and per-case seconds (compilation left out)."""
+    and those of the full cache, and per-case seconds: reading (compilation left out), compilation,
+    and the wall time of both."""
     clock = clock or CompileClock()
     ids = [tokenizer.encode(case.context) for case in cases]
     start = time.time()
@@ -237,7 +240,8 @@ def run_perplexity_batch(model, tokenizer, cases: Sequence[Case], press, *, chun
     return [{"nll": float(nll.mean()), "scored_tokens": int(nll.size), "context_tokens": len(row),
              "question_tokens": 0, "new_tokens": 0, "cache_bytes": int(nbytes),
              "full_cache_bytes": len(row) * per_token, "prefill_seconds": seconds, "decode_seconds": 0.0,
-             "compile_seconds": clock.within(start, end) / len(cases), "batch_size": len(cases)}
+             "compile_seconds": clock.within(start, end) / len(cases), "wall_seconds": (end - start) / len(cases),
+             "batch_size": len(cases)}
             for row, nll, nbytes in zip(ids, result.token_nll, result.cache_bytes)]
 
 
