@@ -148,6 +148,30 @@ def test_bad_ids_are_rejected(model, bad, message):
         tc.prefill(model, bad)
 
 
+@pytest.mark.parametrize("press_name", ["snapkv", "pyramidkv", "adakv_snapkv", "streaming_llm"])
+def test_slot_quantum_shares_shapes_across_prompt_lengths_and_keeps_the_same_entries(model, press_name):
+    """Prompts of 37 and 45 tokens with 5 free slots asked: rounded to 16 slots, both compress into
+    caches of one shape, with room for the 5 tokens, holding the entries kept without rounding."""
+    press = tc.presses.make_press(press_name, 0.5, model)
+    rng = np.random.default_rng(0)
+    shapes = set()
+    for length in (37, 45):
+        ids = rng.integers(0, 64, (2, length))
+        _, exact = tc.prefill(model, ids, lengths=[length, length - 4], capacity=length + 5, press=press)
+        _, rounded = tc.prefill(model, ids, lengths=[length, length - 4], capacity=length + 5, press=press,
+                                slot_quantum=16)
+        shapes.add(tuple(layer.keys.shape for layer in rounded.layers))
+        for a, b in zip(exact.layers, rounded.layers):
+            np.testing.assert_array_equal(a.lengths, b.lengths)
+            assert isinstance(a, tc.RaggedLayerCache) == isinstance(b, tc.RaggedLayerCache)
+            kept = lambda layer: sorted(np.asarray(layer.positions)[np.asarray(layer.positions) >= 0].tolist())
+            assert kept(a) == kept(b)
+        assert int(rounded.free_slots().min()) >= 5
+    assert len(shapes) == 1
+    with pytest.raises(ValueError, match="slot_quantum must be a whole number of slots >= 1"):
+        tc.prefill(model, [[1, 2]], slot_quantum=0)
+
+
 def test_bad_lengths_are_rejected(model):
     with pytest.raises(ValueError, match="lengths"):
         tc.prefill(model, np.ones((2, 4), np.int32), lengths=[0, 4])

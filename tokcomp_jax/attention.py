@@ -155,8 +155,10 @@ def _blockwise_forward(sliding_window, *inputs):
 
 def _dense_backward(sliding_window, inputs, cotangent):
     queries, keys, values, positions, lengths, query_positions, extra_mask = inputs
-    _, vjp = jax.vjp(lambda q, k, v: attend(q, LayerCache(k, v, positions, lengths), query_positions,
-                                            sliding_window=sliding_window, extra_mask=extra_mask), queries, keys, values)
+    def dense(q, k, v):
+        return attend(q, LayerCache(k, v, positions, lengths), query_positions, sliding_window=sliding_window,
+                      extra_mask=extra_mask)
+    _, vjp = jax.vjp(dense, queries, keys, values)
     no_gradient = [None if x is None else np.zeros(x.shape, jax.dtypes.float0)
                    for x in (positions, lengths, query_positions, extra_mask)]
     return (*vjp(cotangent), *no_gradient)

@@ -40,10 +40,10 @@ def padded_length(n: int, chunk_size: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def bucketed_capacity(n: int) -> int:
-    """Rounds a cache capacity up to a multiple of `CAPACITY_QUANTUM` slots, so that batches of
+def quantized(n: int, quantum: int = CAPACITY_QUANTUM) -> int:
+    """`n` rounded up to a multiple of `quantum`: cache capacities bucketed, so that batches of
     similar lengths share their compiled programs."""
-    return -(-n // CAPACITY_QUANTUM) * CAPACITY_QUANTUM
+    return -(-n // quantum) * quantum
 
 
 def check_token_ids(ids: np.ndarray, vocab_size: int) -> None:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tokcomp_jax.batching import DEFAULT_CHUNK_SIZE, check_token_ids, pad_batch, padded_length
+from tokcomp_jax.batching import DEFAULT_CHUNK_SIZE, check_token_ids, pad_batch, padded_length, quantized
 from tokcomp_jax.cache import KVCache
 from tokcomp_jax.checkpoints.tokenizer import Tokenizer
 from tokcomp_jax.compression import CompressibleModel, LayerCompressor, LearnedSuffix
@@ -36,7 +36,7 @@ _forward_jit_donating = jax.jit(_forward, static_argnames=_STATIC, donate_argnam
 
 def prefill(model: CompressibleModel, ids, *, lengths=None, cache: KVCache | None = None,
             capacity: int | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, all_logits: bool = False,
-            press: Compressor | None = None):
+            press: Compressor | None = None, slot_quantum: int = 1):
     """Runs the model over prompts in chunks of `chunk_size` tokens and returns (logits, cache).
 
     `ids` are token ids: one list, a list of lists of different lengths, or an `[B, S]` array with
@@ -45,7 +45,10 @@ def prefill(model: CompressibleModel, ids, *, lengths=None, cache: KVCache | Non
     `[B, S, V]` with `all_logits=True`. A `press` (any `tc.compression.LayerCompressor`)
     compresses each layer's cache as soon as the layer has seen the whole prompt, keeping the free
     slots that `capacity` asked for; a `LearnedSuffix` (e.g. gist tokens) first runs its learned
-    tokens after the prompt.
+    tokens after the prompt. `slot_quantum` rounds the new cache's slots for the prompt and the
+    free slots up to its multiples, so that the shapes a press compiles for (before and after
+    compression) are shared by prompts of nearby lengths, at the price of up to that many unused
+    slots of each kind (the evaluation uses `tc.batching.CAPACITY_QUANTUM`).
 
     >>> import tokcomp_jax as tc
     >>> model = tc.testing.tiny_llama()
@@ -55,6 +58,8 @@ def prefill(model: CompressibleModel, ids, *, lengths=None, cache: KVCache | Non
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}.")
+    if isinstance(slot_quantum, bool) or not isinstance(slot_quantum, int) or slot_quantum < 1:
+        raise ValueError(f"slot_quantum must be a whole number of slots >= 1 (1: no rounding), got {slot_quantum!r}.")
     ids, lengths = pad_batch(ids, lengths)
     batch, steps = ids.shape
     check_token_ids(ids, model.config.vocab_size)
@@ -73,6 +78,9 @@ def prefill(model: CompressibleModel, ids, *, lengths=None, cache: KVCache | Non
         if longest > capacity:
             raise ValueError(f"the prompt has {longest} tokens but capacity is {capacity}; raise capacity.")
         room = capacity - longest
+        if press is not None and slot_quantum > 1:  # the shapes that compression sees, bucketed
+            room, capacity = quantized(room, slot_quantum), quantized(longest, slot_quantum)
+            capacity += room
         capacity += added
         longest += added
         bounded = getattr(press, "bounded", None)  # compressed after every chunk to this many entries

@@ -27,6 +27,7 @@ def tiny():
     return tc.testing.tiny_llama(vocab_size=tokenizer.vocab_size), tokenizer
 
 
+@pytest.mark.slow(reason="30 cases through 5 press settings at 2 lengths, each program compiled")
 def test_a_sweep_records_every_case_once_with_the_bytes_its_cache_holds(tiny, tmp_path):
     model, tokenizer = tiny
     sweep = Sweep(**SMALL)
@@ -246,13 +247,14 @@ def test_batches_of_nearby_lengths_run_the_same_compiled_programs(tiny):
     sweep = Sweep(presses=("none",), lengths=(150, 180), task="passkey", num_cases=2, max_new_tokens=3)
     shorter, longer = (runner.make_cases(tokenizer, sweep, length) for length in sweep.lengths)
     clock = runner.CompileClock()
-    first = runner.run_batch(model, tokenizer, shorter, None, max_new_tokens=3, clock=clock)
-    second = runner.run_batch(model, tokenizer, longer, None, max_new_tokens=3, clock=clock)
-    assert max(r["context_tokens"] for r in first) + 20 < min(r["context_tokens"] for r in second)
-    assert min(r["compile_seconds"] for r in first) > 0
-    assert [r["compile_seconds"] for r in second] == [0, 0]
-    for r in first + second:
-        assert r["wall_seconds"] >= r["prefill_seconds"] + r["decode_seconds"] + r["compile_seconds"] - 1e-6
+    for press in (None, tc.presses.make_press("snapkv", 0.5, model)):  # a press compiles what it compresses to
+        first = runner.run_batch(model, tokenizer, shorter, press, max_new_tokens=3, clock=clock)
+        second = runner.run_batch(model, tokenizer, longer, press, max_new_tokens=3, clock=clock)
+        assert max(r["context_tokens"] for r in first) + 20 < min(r["context_tokens"] for r in second)
+        assert min(r["compile_seconds"] for r in first) > 0
+        assert [r["compile_seconds"] for r in second] == [0, 0]
+        for r in first + second:
+            assert r["wall_seconds"] >= r["prefill_seconds"] + r["decode_seconds"] + r["compile_seconds"] - 1e-6
 
 
 def test_a_corpus_other_than_the_essays_is_part_of_the_task_name(tiny, tmp_path):

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import jax
 
-from tokcomp_jax.batching import bucketed_capacity
+from tokcomp_jax.batching import CAPACITY_QUANTUM, quantized
 from tokcomp_jax.data.corpora import CORPORA
 from tokcomp_jax.evaluation.data import read_jsonl
 from tokcomp_jax.evaluation.perplexity import perplexity
@@ -195,9 +195,10 @@ def run_batch(model, tokenizer, cases: Sequence[Case], press, *, max_new_tokens:
     encoded = [encode_case(tokenizer, case, query_aware) for case in cases]
     contexts, questions = [c for c, _ in encoded], [q for _, q in encoded]
     # Rounded up, so that the sweep's batches of one length run the same compiled programs.
-    capacity = bucketed_capacity(max(map(len, contexts)) + max(map(len, questions)) + max_new_tokens)
+    capacity = quantized(max(map(len, contexts)) + max(map(len, questions)) + max_new_tokens)
     start = time.time()
-    _, cache = prefill(model, contexts, press=press, capacity=capacity, chunk_size=chunk_size)
+    _, cache = prefill(model, contexts, press=press, capacity=capacity, chunk_size=chunk_size,
+                       slot_quantum=CAPACITY_QUANTUM)
     jax.block_until_ready(cache)
     compressed = time.time()
     held = cache.entry_nbytes()

@@ -118,7 +118,7 @@ class Llama(nnx.Module):
     updated cache.
 
     `attn_impl` names the attention backend (`tc.attention`) of the model and of the presses'
-    scorers: "xla" (the reference) or "pallas" (`pallas_kernels`, interpreted on CPU). It may be
+    scorers: "xla" (the default, blockwise) or "pallas" (`pallas_kernels`, interpreted on CPU). It may be
     changed on a built model (`model.attn_impl = "pallas"`); jitted calls compile once per value.
     A request the backend cannot serve (a sliding window, an `extra_mask` for Pallas) raises.
 
