@@ -1,13 +1,12 @@
 """kvpress's counterpart of each of our presses, and both models loaded from one GGUF file, for the
 side-by-side scripts in this folder."""
 import os
-import platform
 import sys
 import types
 
-import jax
 
 import tokcomp_jax as tc
+from rates import machine_description
 
 # kvpress's class for each press name of `tc.presses.make_press`.
 KVPRESS = {"streaming_llm": "StreamingLLMPress", "knorm": "KnormPress", "snapkv": "SnapKVPress",
@@ -39,9 +38,7 @@ def load_both(model_name: str, dtype: str, attn_implementation: str) -> types.Si
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(
         directory, gguf_file=filename, dtype=getattr(torch, dtype), attn_implementation=attn_implementation).eval()
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=filename)
-    machine = (f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-               f"jax {jax.__version__} backend {jax.default_backend()}; torch {torch.__version__} "
-               f"{torch.get_num_threads()} threads, {attn_implementation} attention; "
-               f"transformers {transformers.__version__}")
+    machine = (f"{machine_description()}; torch {torch.__version__} {torch.get_num_threads()} threads, "
+               f"{attn_implementation} attention; transformers {transformers.__version__}")
     return types.SimpleNamespace(model=model, tokenizer=tokenizer, hf_model=hf_model, hf_tokenizer=hf_tokenizer,
                                  kvpress=kvpress, torch=torch, transformers=transformers, machine=machine)
