@@ -45,7 +45,8 @@ def last_chunk(model, length: int, chunk: int, rng) -> tuple:
     """The arguments of `_forward_jit` for the last `chunk` tokens of a `length`-token prompt: the
     cache holds the first `length - chunk` tokens."""
     ids = rng.integers(0, model.config.vocab_size, (1, length)).astype(np.int32)
-    _, cache = tc.prefill(model, ids[:, :length - chunk], capacity=length)
+    cache = (tc.prefill(model, ids[:, :length - chunk], capacity=length)[1] if length > chunk
+             else model.init_cache(1, length))
     graphdef, state = nnx.split(model)
     return graphdef, state, jnp.asarray(ids[:, length - chunk:]), cache, jnp.ones((1, chunk), bool), False
 
