@@ -90,7 +90,7 @@ def test_info_reports_parameters_and_cache_bytes_per_token():
     (("eval", "--ratios", "0.5,x"), "--ratios takes comma-separated floats"),
     (("eval", "--ratios", "1"), "ratios must be fractions of entries removed"),
     (("eval", "--lengths", "64"), "lengths must be context lengths in tokens, each >= 128"),
-    (("eval", "--data", "/no/such.jsonl"), "data='/no/such.jsonl' is not a file"),
+    (("eval", "--data", "/no/such.jsonl"), "data: /no/such.jsonl is not a file"),
     (("eval", "--task", "perplexity", "--presses", "snapkv,expected_attention"),
      "press 'expected_attention' cannot"),
     (("generate", "--prompt", "hi", "--press", "zip"), "--press 'zip' is not a press"),

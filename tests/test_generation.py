@@ -216,6 +216,49 @@ def test_generate_ids_batched_equals_one_row_at_a_time_and_stops(model):
     assert sampled[0] == sampled[1] != sampled[2]
 
 
+def test_prompts_past_the_context_raise_before_compiling_or_keep_their_last_tokens():
+    """A 64-position model: 60 prompt tokens and 8 new ones do not fit. Nothing compiles before the
+    error; truncate_left=True generates what the prompt's last 56 tokens give when passed directly."""
+    model = tc.testing.tiny_llama(seed=2, max_position_embeddings=64)
+    rng = np.random.default_rng(0)
+    long, short = rng.integers(0, 64, 60).tolist(), rng.integers(0, 64, 20).tolist()
+    compiled = tc.generation._forward_jit._cache_size()
+    with pytest.raises(ValueError, match=r"prompt \(60 tokens\) and max_new_tokens \(8\) needs 68 positions but the "
+                                         r"model's context is 64 .* truncate_left=True to keep each prompt's last 56"):
+        tc.generate_ids(model, [long, short], max_new_tokens=8)
+    with pytest.raises(ValueError, match=r"the prompt \(70 tokens\) needs 70 positions .* context is 64"):
+        tc.prefill(model, [list(range(60)) + list(range(10))])
+    assert tc.generation._forward_jit._cache_size() == compiled
+    with pytest.warns(UserWarning, match="each prompt keeps its last 56 tokens"):
+        truncated = tc.generate_ids(model, [long, short], max_new_tokens=8, truncate_left=True)
+    assert truncated.tokens == tc.generate_ids(model, [long[-56:], short], max_new_tokens=8).tokens
+    assert truncated.prompt_lengths == [56, 20]
+    with pytest.raises(ValueError, match=r"max_new_tokens \(64\) needs 124 .* lower max_new_tokens\.$"):
+        tc.generate_ids(model, [long], max_new_tokens=64, truncate_left=True)  # nothing of the prompt would fit
+    # A cache continued past the context: the positions it has seen count.
+    _, cache = tc.prefill(model, [long], capacity=64)
+    with pytest.raises(ValueError, match=r"the prompt \(8 tokens after the cache's 60\) needs 68 positions"):
+        tc.prefill(model, [short[:8]], cache=cache)
+    _, cache = tc.prefill(model, [list(range(60))], cache=model.init_cache(1, 64))
+    for token in range(4):
+        _, cache = tc.decode(model, [token], cache)
+    with pytest.raises(ValueError, match="one more token needs 65 positions but the model's context is 64"):
+        tc.decode(model, [1], cache)
+
+
+@pytest.mark.parametrize("tokens, message", [
+    ([64], r"ids must be token ids in \[0, 64\), got values in \[64, 64\]"),
+    ([-1], r"ids must be token ids in \[0, 64\), got values in \[-1, -1\]"),
+    ([1.5], r"tokens must be one integer token id per row of the cache, shaped \[1\]; got shape \(1,\) and dtype "
+            "float"),
+    ([[1, 2]], r"tokens must be one integer token id per row .* got shape \(1, 2\)"),
+])
+def test_decode_rejects_tokens_prefill_would_reject(model, tokens, message):
+    _, cache = tc.prefill(model, [[1, 2, 3]], capacity=8)
+    with pytest.raises(ValueError, match=message):
+        tc.decode(model, tokens, cache)
+
+
 def test_streaming_yields_the_same_text(smollm2):
     model, tokenizer = smollm2
     pieces = []

@@ -10,8 +10,8 @@ from tokcomp_jax import attention, compression, evaluation, learned, presses, te
 from tokcomp_jax.learned import tasks as _learned_tasks  # noqa: F401  (registers the training tasks "gist" and "icae")
 from tokcomp_jax.cache import KVCache, LayerCache, RaggedLayerCache
 from tokcomp_jax.checkpoints import CheckpointError, Tokenizer, load
-from tokcomp_jax.generation import (Generation, answer_questions, decode, generate, generate_ids, pad_batch,
-                                    prefill)
+from tokcomp_jax.generation import (Generation, NonFiniteError, answer_questions, decode, generate, generate_ids,
+                                    pad_batch, prefill)
 from tokcomp_jax.models import Llama, ModelConfig
 from tokcomp_jax.sampling import SamplingConfig
 
@@ -20,6 +20,6 @@ __version__ = "0.1.0"
 __all__ = [
     "load", "prefill", "decode", "generate", "generate_ids", "answer_questions", "pad_batch", "Generation",
     "KVCache", "LayerCache", "RaggedLayerCache", "Llama", "ModelConfig", "Tokenizer", "SamplingConfig",
-    "CheckpointError", "attention", "compression", "evaluation", "learned", "presses", "testing",
+    "CheckpointError", "NonFiniteError", "attention", "compression", "evaluation", "learned", "presses", "testing",
     "training",
 ]

@@ -14,6 +14,9 @@ def pad_batch(ids, lengths=None, pad_id: int = 0) -> tuple[np.ndarray, np.ndarra
         if lengths is not None:
             raise ValueError("lengths is only taken with an [B, S] array of ids; a list of lists carries its own.")
         rows = [np.asarray(row) for row in ids]
+        empty = [index for index, row in enumerate(rows) if row.size == 0]
+        if empty:
+            raise ValueError(f"ids: row {empty[0]} is empty; every prompt needs at least one token.")
         if any(row.ndim != 1 or (row.size and not np.issubdtype(row.dtype, np.integer)) for row in rows):
             raise ValueError("ids must be rows of integer token ids.")
         lengths = np.array([row.size for row in rows], np.int32)

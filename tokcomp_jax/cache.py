@@ -67,6 +67,11 @@ class LayerCache:
         """Each KV head's view of the slots: the entry's position, -1 where it holds none."""
         return self.positions
 
+    def nonfinite_rows(self) -> Bool[Array, "B"]:
+        """True for the rows whose entries (keys or values, valid slots) hold a NaN or inf."""
+        bad = ~(jnp.isfinite(self.keys).all(-1) & jnp.isfinite(self.values).all(-1))  # [B, Hkv, C]
+        return (bad & self.valid_mask()).any(axis=(1, 2))
+
     def free_slots(self) -> Int[Array, "B Hkv"]:
         """How many more entries each (row, KV head) can take."""
         return self.capacity - self.lengths
@@ -134,6 +139,11 @@ class RaggedLayerCache:
     def head_positions(self) -> Int[Array, "B Hkv N"]:
         """Each KV head's view of the pool: its entries' positions, -1 elsewhere."""
         return jnp.where(self.valid_mask(), self.positions[:, None, :], -1)
+
+    def nonfinite_rows(self) -> Bool[Array, "B"]:
+        """True for the rows whose entries (keys or values, valid slots) hold a NaN or inf."""
+        bad = ~(jnp.isfinite(self.keys).all(-1) & jnp.isfinite(self.values).all(-1))  # [B, N]
+        return (bad & self.valid_mask().any(axis=1)).any(axis=1)
 
     def free_slots(self) -> Int[Array, "B Hkv"]:
         """How many more entries each (row, KV head) can take."""
@@ -219,6 +229,10 @@ class KVCache:
         held = np.asarray(self.lengths).sum(axis=2, dtype=np.int64)  # [L, B]
         return (held * np.asarray(per_entry, np.int64)[:, None]).sum(axis=0)
 
+    def nonfinite(self) -> np.ndarray:
+        """`[L, B]` True where a layer's entries of a row hold a NaN or inf (one device-to-host copy)."""
+        return np.asarray(_nonfinite(self))
+
     def free_slots(self) -> np.ndarray:
         """`[L]` the most entries that every (row, KV head) of each layer can still take (one
         device-to-host copy)."""
@@ -232,3 +246,8 @@ class KVCache:
                     f"the cache is full: layer {index} has room for {free} more entries per KV head and "
                     f"{new_tokens} more were asked for; allocate a larger `capacity` or compress the cache."
                 )
+
+
+@jax.jit
+def _nonfinite(cache: KVCache) -> Bool[Array, "L B"]:
+    return jnp.stack([layer.nonfinite_rows() for layer in cache.layers])

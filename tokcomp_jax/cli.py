@@ -11,17 +11,19 @@ import math
 import os
 import shlex
 import sys
+import tempfile
 import time
 
 import jax
 from absl import app, flags
 from flax import nnx
 
-from tokcomp_jax.checkpoints import DEFAULT_MODEL, load
+from tokcomp_jax.checkpoints import DEFAULT_MODEL, load, read_model_config
+from tokcomp_jax.checkpoints.weights import resolve_dtype
 from tokcomp_jax.data.corpora import CORPORA
 from tokcomp_jax.evaluation import reports, runner
 from tokcomp_jax.generation import encode_prompts, generate_ids, stop_token_ids, text_streamer
-from tokcomp_jax.presses import PRESS_NAMES, make_press
+from tokcomp_jax.presses import PRESS_NAMES, Budget, make_press
 from tokcomp_jax.sampling import SamplingConfig
 
 COMMANDS = ("generate", "eval", "info")
@@ -58,6 +60,18 @@ _XLA_CACHE = flags.DEFINE_string(
     "value (--compilation_cache=) turns it off.")
 _OUTPUT = flags.DEFINE_string("output_dir", "eval_results", "eval: where results.jsonl, report.md and report.png go; "
                               "a rerun resumes from results.jsonl.")
+_TRUNCATE = flags.DEFINE_bool("truncate_left", False, "generate: a prompt that with --max_new_tokens runs past the "
+                              "model's context keeps its last tokens (with a warning) instead of failing.")
+
+# The flags each command reads, besides --model, --dtype, --attn_impl and --compilation_cache; giving
+# one that a command does not read is an error, not a silently ignored flag.
+COMMAND_FLAGS = {
+    "generate": (_PROMPT, _MAX_NEW, _TEMPERATURE, _TOP_K, _TOP_P, _SEED, _CHAT, _CHUNK, _PRESS, _RATIO, _TRUNCATE),
+    "eval": (_PRESSES, _RATIOS, _LENGTHS, _TASK, _CORPUS, _DATA, _CASES, _BATCH, _QUERY_AWARE, _OUTPUT, _MAX_NEW,
+             _CHUNK, _SEED),
+    "info": (),
+}
+COMMON_FLAGS = (_MODEL, _DTYPE, _ATTN, _XLA_CACHE)
 
 
 def _log(message: str) -> None:
@@ -89,6 +103,42 @@ def _load():
     return model, tokenizer
 
 
+def check_flags(command: str) -> None:
+    """Raises `ValueError` for a flag `command` does not read and for values of the flags it reads
+    that cannot run, before anything loads."""
+    reads = {name: {flag.name for flag in flags_of} for name, flags_of in COMMAND_FLAGS.items()}
+    allowed = reads[command] | {flag.name for flag in COMMON_FLAGS}
+    ignored = sorted(name for name in set().union(*reads.values()) - allowed if flags.FLAGS[name].present)
+    if ignored:
+        owners = {name: " and ".join(c for c in COMMAND_FLAGS if name in reads[c]) for name in ignored}
+        raise ValueError(f"{command} does not read " + ", ".join(f"--{name} (a flag of {owners[name]})"
+                                                              for name in ignored) + "; leave it out.")
+    resolve_dtype(_DTYPE.value)
+    for flag in (_MAX_NEW, _CHUNK):
+        if flag.name in reads[command] and flag.value < 1:
+            raise ValueError(f"--{flag.name} must be a positive number of tokens, got {flag.value}.")
+    if command == "generate" and _PRESS.value is None and _RATIO.present:
+        raise ValueError("--ratio is the fraction of entries a press removes, and no --press is given; add "
+                         f"--press (one of {', '.join(PRESS_NAMES)}) or leave --ratio out.")
+    if command == "eval" and _DATA.value is not None:
+        replaced = [f"--{flag.name}" for flag in (_TASK, _CORPUS, _LENGTHS, _CASES) if flag.present]
+        if replaced:
+            raise ValueError(f"--data replaces {', '.join(replaced)}: its rows are the cases; leave them out.")
+
+
+def check_output_dir(path: str) -> None:
+    """Creates `path` if needed and raises `ValueError` unless a file can be written in it."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--output_dir {path} is a file; give a directory (it is created if missing).")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"--output_dir {path} is not writable ({e.strerror}); give a directory you can "
+                         f"write to.") from None
+
+
 def generate_command() -> None:
     if not _PROMPT.value:
         raise app.UsageError("generate needs --prompt \"...\" (repeat it for a batch).")
@@ -97,6 +147,7 @@ def generate_command() -> None:
     if _PRESS.value is not None:
         if _PRESS.value not in PRESS_NAMES:
             raise ValueError(f"--press {_PRESS.value!r} is not a press; choose one of {', '.join(PRESS_NAMES)}.")
+        Budget(ratio=_RATIO.value)  # checks --ratio before the model loads
     model, tokenizer = _load()
     if _PRESS.value is not None:
         calibration = tokenizer.encode(runner.calibration_text(tokenizer)) if _PRESS.value == "qfilter" else None
@@ -108,7 +159,8 @@ def generate_command() -> None:
     result = generate_ids(model, ids, max_new_tokens=_MAX_NEW.value, sampling=sampling,
                           stop_ids=stop_token_ids(tokenizer, ()), seed=_SEED.value,
                           chunk_size=_CHUNK.value, pad_id=tokenizer.pad_id,
-                          on_tokens=show if len(prompts) == 1 else None, press=press)
+                          on_tokens=show if len(prompts) == 1 else None, press=press,
+                          truncate_left=_TRUNCATE.value)
     compiled = clock.within(start, time.time())
     if len(prompts) == 1:
         print()
@@ -137,7 +189,11 @@ def eval_command() -> None:
                          batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value if _MAX_NEW.present else None,
                          query_aware=_QUERY_AWARE.value, chunk_size=_CHUNK.value, data=_DATA.value,
                          corpus=_CORPUS.value)
-    os.makedirs(_OUTPUT.value, exist_ok=True)
+    try:
+        sweep.check_context(read_model_config(_MODEL.value).max_position_embeddings)
+    except ValueError as e:
+        raise ValueError(f"--lengths: {e}" if "lengths go up to" in str(e) else str(e)) from None
+    check_output_dir(_OUTPUT.value)
     results = os.path.join(_OUTPUT.value, "results.jsonl")
     model, tokenizer = _load()
 
@@ -186,6 +242,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"usage: tokcomp-jax {{{'|'.join(COMMANDS)}}} [--flags]; got {argv[1:]}.")
     _use_compilation_cache()
     try:
+        check_flags(argv[1])
         {"generate": generate_command, "eval": eval_command, "info": info_command}[argv[1]]()
     except ValueError as e:  # bad input (CheckpointError included): a message, not a traceback
         _log(f"tokcomp-jax: error: {e}")

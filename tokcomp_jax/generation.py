@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import warnings
 from typing import Callable, Sequence
 
 import jax
@@ -34,9 +35,43 @@ _forward_jit = jax.jit(_forward, static_argnames=_STATIC)
 _forward_jit_donating = jax.jit(_forward, static_argnames=_STATIC, donate_argnames=("cache",))
 
 
+class NonFiniteError(FloatingPointError):
+    """A NaN or inf in a cache or the logits, found by `check_finite=True`."""
+
+
+def raise_if_nonfinite(cache: KVCache, logits, where: str) -> None:
+    """Raises `NonFiniteError` naming the first layer whose cache entries hold a NaN or inf, and
+    the rows, or the rows of `logits` (None: not checked) that hold one."""
+    bad = cache.nonfinite()  # [L, B]
+    if bad.any():
+        layer = int(np.argmax(bad.any(axis=1)))
+        raise NonFiniteError(f"{where}: layer {layer} is the first whose keys or values hold a NaN or inf "
+                             f"(rows {np.flatnonzero(bad[layer]).tolist()}); the layers before it, or the "
+                             f"input, produced it.")
+    if logits is not None:
+        rows = np.flatnonzero(~np.isfinite(np.asarray(logits)).reshape(len(bad[0]), -1).all(axis=1))
+        if rows.size:
+            raise NonFiniteError(f"{where}: the logits of rows {rows.tolist()} hold a NaN or inf, while every "
+                                 f"layer's keys and values are finite: the last layer or the output head "
+                                 f"overflowed.")
+
+
+def context_length(model: CompressibleModel) -> int | None:
+    """The most positions `model` reads (`config.max_position_embeddings`; None: not bounded)."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def check_context(model: CompressibleModel, positions: int, what: str, fix: str) -> None:
+    """Raises `ValueError` if `what` needs more than the model's context of positions."""
+    limit = context_length(model)
+    if limit is not None and positions > limit:
+        raise ValueError(f"{what} needs {positions} positions but the model's context is {limit} "
+                         f"(config.max_position_embeddings); {fix}.")
+
+
 def prefill(model: CompressibleModel, ids, *, lengths=None, cache: KVCache | None = None,
             capacity: int | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, all_logits: bool = False,
-            press: Compressor | None = None, slot_quantum: int = 1):
+            press: Compressor | None = None, slot_quantum: int = 1, check_finite: bool = False):
     """Runs the model over prompts in chunks of `chunk_size` tokens and returns (logits, cache).
 
     `ids` are token ids: one list, a list of lists of different lengths, or an `[B, S]` array with
@@ -48,7 +83,9 @@ def prefill(model: CompressibleModel, ids, *, lengths=None, cache: KVCache | Non
     tokens after the prompt. `slot_quantum` rounds the new cache's slots for the prompt and the
     free slots up to its multiples, so that the shapes a press compiles for (before and after
     compression) are shared by prompts of nearby lengths, at the price of up to that many unused
-    slots of each kind (the evaluation uses `tc.batching.CAPACITY_QUANTUM`).
+    slots of each kind (the evaluation uses `tc.batching.CAPACITY_QUANTUM`). `check_finite=True`
+    raises `NonFiniteError` naming the first layer whose entries hold a NaN or inf (in `cache` as
+    given, or after the prompt), at the price of a pass over the cache.
 
     >>> import tokcomp_jax as tc
     >>> model = tc.testing.tiny_llama()
@@ -70,6 +107,10 @@ def prefill(model: CompressibleModel, ids, *, lengths=None, cache: KVCache | Non
         raise ValueError("all_logits is not available with a press that appends learned tokens (gists); "
                          "prefill the prompt without it for every position's logits.")
     longest = int(lengths.max())
+    seen = 0 if cache is None else int(np.max(cache.num_seen))
+    check_context(model, seen + longest + added, f"the prompt ({longest} tokens"
+                  + (f" after the cache's {seen}" if seen else "") + (f", {added} learned" if added else "") + ")",
+                  "shorten it (tc.generate takes truncate_left=True)")
     # Rows are aligned to the end, so that every row's last tokens are in the last chunk.
     width = padded_length(steps, chunk_size)
     chunk = min(chunk_size, width)
@@ -93,6 +134,8 @@ def prefill(model: CompressibleModel, ids, *, lengths=None, cache: KVCache | Non
             raise ValueError("pass either cache or capacity, not both.")
         if cache.batch_size != batch:
             raise ValueError(f"cache holds {cache.batch_size} rows but ids has {batch}.")
+        if check_finite:
+            raise_if_nonfinite(cache, None, "the cache passed to prefill")
         longest += added
         room = int(cache.free_slots().min()) - longest
         if room < 0:
@@ -121,21 +164,30 @@ def prefill(model: CompressibleModel, ids, *, lengths=None, cache: KVCache | Non
         owned = True
         if all_logits:
             pieces.append(logits)
-    if not all_logits:
-        return logits, cache
-    every = jnp.concatenate(pieces, axis=1)  # [B, width, V], rows end-aligned
-    index = np.minimum(starts[:, None] + np.arange(steps), width - 1)
-    return jnp.take_along_axis(every, jnp.asarray(index)[:, :, None], axis=1), cache
+    if all_logits:
+        every = jnp.concatenate(pieces, axis=1)  # [B, width, V], rows end-aligned
+        index = np.minimum(starts[:, None] + np.arange(steps), width - 1)
+        logits = jnp.take_along_axis(every, jnp.asarray(index)[:, :, None], axis=1)
+    if check_finite:
+        raise_if_nonfinite(cache, logits, "after prefill")
+    return logits, cache
 
 
-def decode(model: CompressibleModel, tokens, cache: KVCache):
-    """Appends one token per row (`tokens` `[B]`) and returns (`[B, V]` logits, cache)."""
-    tokens = jnp.asarray(tokens, jnp.int32).reshape(-1, 1)
-    if tokens.shape[0] != cache.batch_size:
-        raise ValueError(f"tokens has {tokens.shape[0]} rows but the cache holds {cache.batch_size}.")
+def decode(model: CompressibleModel, tokens, cache: KVCache, *, check_finite: bool = False):
+    """Appends one token per row (`tokens` `[B]`) and returns (`[B, V]` logits, cache);
+    `check_finite` as `prefill`'s."""
+    tokens = np.asarray(tokens)
+    if tokens.shape != (cache.batch_size,) or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens must be one integer token id per row of the cache, shaped [{cache.batch_size}]; "
+                         f"got shape {tokens.shape} and dtype {tokens.dtype}.")
+    check_token_ids(tokens, model.config.vocab_size)
+    check_context(model, int(np.max(cache.num_seen)) + 1, "one more token", "the cache has reached it")
     cache.check_room(1)
+    tokens = jnp.asarray(tokens, jnp.int32).reshape(-1, 1)
     graphdef, state = nnx.split(model)
     logits, cache, _ = _forward_jit(graphdef, state, tokens, cache, jnp.ones(tokens.shape, bool), False)
+    if check_finite:
+        raise_if_nonfinite(cache, logits, "after decode")
     return logits, cache
 
 
@@ -178,7 +230,7 @@ def generate_ids(model: CompressibleModel, ids, *, max_new_tokens: int = 32,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, pad_id: int = 0,
                  on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None, press: Compressor | None = None,
                  cache: KVCache | None = None, decoding_press: LayerCompressor | None = None,
-                 compress_every: int = 512) -> Generation:
+                 compress_every: int = 512, truncate_left: bool = False, check_finite: bool = False) -> Generation:
     """Batched generation from token ids; rows may have different lengths. A `press` compresses
     the prompt's cache after prefill, leaving room for `max_new_tokens`. With `cache`, the prompts
     continue it (e.g. questions on a compressed context); it is left unchanged.
@@ -190,21 +242,31 @@ def generate_ids(model: CompressibleModel, ids, *, max_new_tokens: int = 32,
 
     `on_tokens(tokens [B], active [B])` is called after every step (for streaming); without it the
     host checks for finished rows only every few steps, so decoding runs ahead asynchronously.
+
+    A prompt whose tokens and `max_new_tokens` run past the model's context raises, before anything
+    compiles; with `truncate_left=True` it loses its first tokens instead, with a warning.
+    `check_finite=True` checks the cache after prefill and after decoding (see `prefill`).
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a whole number of tokens >= 1, got {max_new_tokens!r}.")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}.")
     room = max_new_tokens
     if decoding_press is not None:
         decoding_press = every_n_steps(decoding_press, compress_every)
         room = min(max_new_tokens, compress_every)
     ids, lengths = pad_batch(ids, pad_id=pad_id)
+    check_token_ids(ids, model.config.vocab_size)
+    ids, lengths = _fit_context(model, ids, lengths, max_new_tokens, cache, truncate_left, pad_id)
     start = time.perf_counter()
     if cache is None:
         capacity = padded_length(int(lengths.max()), chunk_size) + room
-        logits, cache = prefill(model, ids, lengths=lengths, capacity=capacity, chunk_size=chunk_size, press=press)
+        logits, cache = prefill(model, ids, lengths=lengths, capacity=capacity, chunk_size=chunk_size, press=press,
+                                check_finite=check_finite)
     else:
         cache.check_room(int(lengths.max()) + room)
-        logits, cache = prefill(model, ids, lengths=lengths, cache=cache, chunk_size=chunk_size, press=press)
+        logits, cache = prefill(model, ids, lengths=lengths, cache=cache, chunk_size=chunk_size, press=press,
+                                check_finite=check_finite)
     jax.block_until_ready(logits)
     prefill_seconds = time.perf_counter() - start
 
@@ -227,11 +289,35 @@ def generate_ids(model: CompressibleModel, ids, *, max_new_tokens: int = 32,
             on_tokens(np.asarray(token), ~np.asarray(done))
         if (on_tokens is not None or step % 8 == 7) and bool(done.all()):
             break
+    if check_finite:
+        raise_if_nonfinite(cache, logits, "after decoding")
     tokens = np.stack([np.asarray(t) for t, _ in steps], axis=1)
     active = ~np.stack([np.asarray(d) for _, d in steps], axis=1)
     stopped = np.isin(tokens, np.asarray(stop_ids))
     rows = [row[keep & ~halt].tolist() for row, keep, halt in zip(tokens, active, stopped)]
     return Generation(rows, cache, lengths.tolist(), prefill_seconds, time.perf_counter() - start)
+
+
+def _fit_context(model: CompressibleModel, ids: np.ndarray, lengths: np.ndarray, max_new_tokens: int,
+                 cache: KVCache | None, truncate_left: bool, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """`ids` and `lengths`, checked against the model's context; with `truncate_left`, rows that
+    would run past it keep their last tokens (with a warning)."""
+    limit = context_length(model)
+    seen = 0 if cache is None else int(np.max(cache.num_seen))
+    longest = int(lengths.max())
+    if limit is None or seen + longest + max_new_tokens <= limit:
+        return ids, lengths
+    keep = limit - seen - max_new_tokens
+    after = f" after the cache's {seen}" if seen else ""
+    what = f"the prompt ({longest} tokens{after}) and max_new_tokens ({max_new_tokens})"
+    if not truncate_left or keep < 1:
+        fix = "shorten the prompt or lower max_new_tokens"
+        if keep >= 1:
+            fix += f", or pass truncate_left=True to keep each prompt's last {keep} tokens"
+        check_context(model, seen + longest + max_new_tokens, what, fix)
+    warnings.warn(f"{what} run past the model's context of {limit}: each prompt keeps its last {keep} tokens.",
+                  stacklevel=3)
+    return pad_batch([row[max(0, length - keep):length] for row, length in zip(ids, lengths)], pad_id=pad_id)
 
 
 def answer_questions(model: CompressibleModel, tokenizer: Tokenizer, context: str, questions: Sequence[str], *,
@@ -293,11 +379,14 @@ def stop_token_ids(tokenizer: Tokenizer, stop_tokens: Sequence[int | str]) -> li
 def generate(model: CompressibleModel, tokenizer: Tokenizer, prompts: str | Sequence[str], *, max_new_tokens: int = 32,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              stop_tokens: Sequence[int | str] = (), chat: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE,
-             stream: Callable[[int, str], None] | None = None, press: Compressor | None = None) -> str | list[str]:
+             stream: Callable[[int, str], None] | None = None, press: Compressor | None = None,
+             truncate_left: bool = False) -> str | list[str]:
     """Generates a continuation of each prompt (batched); a single string gives a single string.
 
     `chat=True` wraps each prompt in the model's chat template. `stream(row, text)` receives each
-    new piece of text as soon as it is decoded. `press` compresses the prompt's KV cache.
+    new piece of text as soon as it is decoded. `press` compresses the prompt's KV cache. A prompt
+    that with `max_new_tokens` runs past the model's context raises; `truncate_left=True` keeps its
+    last tokens instead (as the token ids that the template and tokenizer made).
 
     Example (SmolLM2, greedy)::
 
@@ -313,7 +402,8 @@ def generate(model: CompressibleModel, tokenizer: Tokenizer, prompts: str | Sequ
     on_tokens = text_streamer(tokenizer, len(prompts), stream) if stream else None
     result = generate_ids(model, encode_prompts(tokenizer, prompts, chat), max_new_tokens=max_new_tokens,
                           sampling=sampling, stop_ids=stop_token_ids(tokenizer, stop_tokens), seed=seed,
-                          chunk_size=chunk_size, pad_id=tokenizer.pad_id, on_tokens=on_tokens, press=press)
+                          chunk_size=chunk_size, pad_id=tokenizer.pad_id, on_tokens=on_tokens, press=press,
+                          truncate_left=truncate_left)
     texts = [tokenizer.decode(row) for row in result.tokens]
     return texts[0] if single else texts
 

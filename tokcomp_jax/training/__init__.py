@@ -6,7 +6,7 @@
 the learned compressors' "gist" and "icae" register when `tokcomp_jax.learned.tasks` is imported
 (`import tokcomp_jax` does it); training does not import them.
 """
-from tokcomp_jax.training.checkpoint import Checkpoints
+from tokcomp_jax.training.checkpoint import CheckpointError, Checkpoints
 from tokcomp_jax.training.config import base_config, check_config
 from tokcomp_jax.training.data import ByteTokenizer, DataSource, TokenWindows
 from tokcomp_jax.training.errors import ConfigError
@@ -18,4 +18,5 @@ from tokcomp_jax.training.tasks import Task, lm_windows, make_task, register_tas
 
 __all__ = ["train", "Trainer", "base_config", "check_config", "ConfigError", "Task", "register_task", "make_task",
            "task_names", "DataSource", "TokenWindows", "lm_windows", "ByteTokenizer", "load_model", "init_lora",
-           "merge_lora", "make_optimizer", "learning_rate_schedule", "decay_mask", "Checkpoints", "read_metrics"]
+           "merge_lora", "make_optimizer", "learning_rate_schedule", "decay_mask", "Checkpoints", "CheckpointError",
+           "read_metrics"]

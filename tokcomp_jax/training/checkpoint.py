@@ -4,14 +4,24 @@ A checkpoint holds the trained parameters and the optimizer state; its step (upd
 state of the input pipeline, whose batches are a pure function of the step. Orbax writes each one
 to a temporary directory and renames it when complete, so a run killed while saving leaves only
 finished checkpoints to resume from (and the unfinished one's temporary directory, which the next
-run deletes).
+run deletes). A finished checkpoint damaged later (a truncated file) is set aside by `restore_latest`,
+which resumes from the newest one that restores.
 """
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run restores."""
 
 
 class Checkpoints:
@@ -34,6 +44,44 @@ class Checkpoints:
         """The state saved at `step`, placed like `abstract_state` (`jax.ShapeDtypeStruct`s with
         shardings), whatever the mesh it was saved from."""
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+    def restore_latest(self, abstract_state, damaged_directory: str):
+        """`(step, state)` of the newest checkpoint that restores, `(0, None)` if there is none.
+
+        Newer checkpoints that fail to restore (truncated or missing files, unreadable metadata) are
+        reported and moved into `damaged_directory`, never deleted; if none restores, raises
+        `CheckpointError` naming each one tried with its reason, and moves nothing."""
+        failures = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state = self.restore(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 (TensorStore and JSON errors are plain Exceptions)
+                failures.append((step, _reason(e)))
+                continue
+            self._set_aside(failures, damaged_directory, step)
+            return step, state
+        if failures:
+            tried = "; ".join(f"step {step}: {reason}" for step, reason in failures)
+            raise CheckpointError(f"no checkpoint in {self.manager.directory} restores ({tried}). Move the damaged "
+                                  f"ones out of the directory to start the run afresh.")
+        return 0, None
+
+    def _set_aside(self, failures: list[tuple[int, str]], damaged_directory: str, resumed: int) -> None:
+        """Moves the checkpoints of `failures` into `damaged_directory` (process 0; the others wait)."""
+        if not failures:
+            return
+        if jax.process_index() == 0:
+            os.makedirs(damaged_directory, exist_ok=True)
+            for step, reason in failures:
+                target = os.path.join(damaged_directory, str(step))
+                suffix = 1
+                while os.path.exists(target):
+                    target, suffix = os.path.join(damaged_directory, f"{step}.{suffix}"), suffix + 1
+                shutil.move(os.path.join(os.fspath(self.manager.directory), str(step)), target)
+                log.warning("checkpoint %d does not restore (%s); moved to %s, resuming from step %d.",
+                            step, reason, target, resumed)
+        multihost_utils.sync_global_devices("tokcomp_jax: damaged checkpoints set aside")
+        self.manager.reload()
 
     def close(self) -> None:
         """Waits for the saves under way to finish."""
@@ -60,6 +108,12 @@ def restore_trained(directory: str, abstract_trained):
     args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=True)
     return checkpointer.restore(path, args=args)["trained"]
+
+
+def _reason(error: Exception) -> str:
+    """The first line of `error`'s message, at most 200 characters, after its type."""
+    message = str(error).strip().split("\n")[0].split(" See full TensorStore details")[0]
+    return f"{type(error).__name__}: {message[:200]}"
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:

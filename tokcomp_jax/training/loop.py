@@ -44,6 +44,7 @@ from tokcomp_jax.training.step import cast_floats, make_loss, make_train_step
 from tokcomp_jax.training.tasks import make_task
 
 CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR = "config.json", "metrics.jsonl", "checkpoints"
+DAMAGED_CHECKPOINT_DIR = "damaged_checkpoints"  # where checkpoints that fail to restore are moved
 # Fields a resumed run may change: they don't change what is computed (a checkpoint restores onto
 # any mesh; remat trades memory for time).
 RESUMABLE_FIELDS = ("log_every", "eval_", "checkpoint.", "mesh.", "remat")
@@ -262,8 +263,9 @@ class _Throughput:
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           on_step: Callable[[int, dict], None] | None = None) -> dict:
-    """Trains for `config.steps` updates, resuming from the newest checkpoint in `workdir` (a new
-    workdir starts from `config.init_from`'s trained parameters if set); returns the final state.
+    """Trains for `config.steps` updates, resuming from the newest checkpoint in `workdir` that
+    restores (newer, damaged ones are moved to `workdir/damaged_checkpoints/`; a new workdir starts
+    from `config.init_from`'s trained parameters if set); returns the final state.
 
     `workdir` gets `config.json`, `checkpoints/` (every `config.checkpoint.every` updates and the
     last) and `metrics.jsonl` (every `config.log_every` updates: step, loss, grad_norm, lr,
@@ -277,8 +279,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     trainer = Trainer(config)
     checkpoints = Checkpoints(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=config.checkpoint.max_to_keep,
                               async_save=config.checkpoint.async_save)
-    start = checkpoints.latest_step() or 0
-    if start:
+    if checkpoints.latest_step():
         check_same_run(config, workdir)
     lead = jax.process_index() == 0
     if lead:  # atomically: other processes may be reading it in check_same_run
@@ -287,7 +288,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         with open(f"{path}.tmp", "w") as f:
             f.write(config.to_json(indent=2))
         os.replace(f"{path}.tmp", path)
-    state = checkpoints.restore(start, trainer.abstract_state()) if start else trainer.init_state()
+    start, state = checkpoints.restore_latest(trainer.abstract_state(),
+                                              os.path.join(workdir, DAMAGED_CHECKPOINT_DIR))
+    if state is None:
+        state = trainer.init_state()
     log = MetricsLog(os.path.join(workdir, METRICS_FILE), start) if lead else None
     throughput = _Throughput(start)
     with tqdm(total=config.steps, initial=start, desc="train", disable=not lead, dynamic_ncols=True) as bar:
