@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 import tokcomp_jax as tc
+from tokcomp_jax.checkpoints import resolve_model_path
+from tokcomp_jax.checkpoints.gguf import GGUFFile
 from tokcomp_jax.sampling import SamplingConfig, sample
 from tolerances import attention_tolerance, binomial, model_tolerance, score_magnitude
 
@@ -244,6 +246,24 @@ def test_prompts_past_the_context_raise_before_compiling_or_keep_their_last_toke
         _, cache = tc.decode(model, [token], cache)
     with pytest.raises(ValueError, match="one more token needs 65 positions but the model's context is 64"):
         tc.decode(model, [1], cache)
+
+
+def test_generate_on_a_prompt_past_the_context_raises_before_compiling_or_truncates_like_the_cut_prompt():
+    """tc.generate with SmolLM2's tokenizer on a random model of a 64-position context."""
+    tokenizer = tc.Tokenizer.from_gguf(GGUFFile(resolve_model_path("smollm2-135m-instruct")))
+    model = tc.testing.tiny_llama(seed=4, vocab_size=tokenizer.vocab_size, max_position_embeddings=64)
+    prompt = " ".join(f"word{i}" for i in range(40))
+    ids = tokenizer.encode(prompt)
+    assert len(ids) + 6 > 64
+    compiled = tc.generation._forward_jit._cache_size()
+    with pytest.raises(ValueError, match=rf"the prompt \({len(ids)} tokens\) and max_new_tokens \(6\) needs"):
+        tc.generate(model, tokenizer, prompt, max_new_tokens=6, chat=False)
+    assert tc.generation._forward_jit._cache_size() == compiled
+    with pytest.warns(UserWarning, match="each prompt keeps its last 58 tokens"):
+        text = tc.generate(model, tokenizer, prompt, max_new_tokens=6, chat=False, truncate_left=True)
+    direct = tc.generate_ids(model, [ids[-58:]], max_new_tokens=6, stop_ids=tokenizer.eos_ids,
+                             pad_id=tokenizer.pad_id).tokens[0]
+    assert text == tokenizer.decode(direct) and len(direct) == 6
 
 
 @pytest.mark.parametrize("tokens, message", [
