@@ -39,7 +39,7 @@ def main(argv):
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)  # before any other JAX call
     try:
         training.train(_CONFIG.value, _WORKDIR.value)
-    except training.ConfigError as e:
+    except (training.ConfigError, training.CheckpointError) as e:
         raise SystemExit(f"train.py: {e}") from e
 
 

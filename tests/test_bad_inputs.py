@@ -21,9 +21,10 @@ from tokcomp_jax.checkpoints.gguf import GGUFFile
 from tokcomp_jax.evaluation.data import read_jsonl
 from tokcomp_jax.evaluation.runner import Sweep
 from tokcomp_jax.generation import check_context
-from tokcomp_jax.learned.artifacts import load_trained
+from tokcomp_jax.learned.artifacts import export_trained, load_trained
 from tokcomp_jax.presses import Budget
 from conftest import ROOT
+from training_worker import tiny_config
 
 ROW = '{"context": "The key is 7.", "question": "What is the key?", "answers": ["7"]}\n'
 
@@ -94,8 +95,27 @@ def test_a_bad_output_dir_is_reported_before_a_batch_is_lost(run_cli, tmp_path):
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the directory's parent should be")
     code, stderr = run_cli("eval", "--output_dir", str(blocked / "results"))
-    assert code == 1 and f"--output_dir {blocked / 'results'} is not writable (Not a directory)" in stderr
+    assert code == 1 and f"--output_dir {blocked / 'results'} cannot be created: {blocked} is a file" in stderr
     assert not (blocked.parent / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize("workdir, message", [
+    (lambda tmp: tmp / "a_file", "workdir {} is a file; give a directory"),
+    (lambda tmp: "/proc/run", "workdir {} is not writable"),
+])
+def test_a_training_workdir_that_cannot_be_written_fails_before_the_model_loads(tmp_path, monkeypatch, workdir,
+                                                                               message):
+    workdir = workdir(tmp_path)
+    if str(workdir).endswith("a_file"):
+        workdir.write_text("")
+    monkeypatch.setattr(tc.training.loop, "Trainer", None)  # nothing is built before the error
+    with pytest.raises(tc.training.ConfigError, match=re.escape(message.format(workdir))):
+        tc.training.train(tiny_config({"steps": 2}), str(workdir))
+
+
+def test_an_export_to_a_directory_that_cannot_be_written_fails_before_the_run_is_read(tmp_path):
+    with pytest.raises(ValueError, match=re.escape("path's directory /proc is not writable")):
+        export_trained(str(tmp_path / "no_run"), "/proc/gist.safetensors")
 
 
 @pytest.mark.parametrize("make_bad, message", [

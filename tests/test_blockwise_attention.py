@@ -7,7 +7,7 @@ import pytest
 
 import tokcomp_jax as tc
 from jaxpr_sizes import largest_intermediate
-from tokcomp_jax.blockwise_attention import blockwise_attend, visible_slots
+from tokcomp_jax.blockwise_attention import DEFAULT_BLOCK_SIZE, blockwise_attend, visible_slots
 from tolerances import attention_tolerance, score_magnitude
 
 
@@ -91,12 +91,15 @@ def test_materialises_no_score_matrix_beyond_one_block():
 
 def test_the_backend_differentiates_like_the_dense_reference_and_saves_only_its_inputs():
     """The XLA backend's gradients with respect to queries, keys and values are `attend`'s (its
-    backward pass), and what its forward keeps for them is its inputs, no block of scores."""
+    backward pass), and what its forward keeps for them is its inputs, no block of scores. (More
+    queries than `DENSE_QUERIES` over a cache of more than one block: the blockwise path.)"""
     rng = np.random.default_rng(2)
-    layer = _layer(rng, [[20, 13], [7, 30]], 32, gaps=True)
-    queries = jnp.asarray(rng.standard_normal((2, 6, 4, 8)), jnp.float32)
-    query_positions = jnp.asarray([[30, 31, 33, 34, 35, 36], [5, 40, 41, 50, 58, 60]], jnp.int32)
-    extra_mask = jnp.asarray(rng.random((2, 6, 32)) < 0.7)
+    capacity, steps = 300, 20
+    assert capacity > DEFAULT_BLOCK_SIZE and steps > tc.attention.DENSE_QUERIES
+    layer = _layer(rng, [[200, 130], [70, 300]], capacity, gaps=True)
+    queries = jnp.asarray(rng.standard_normal((2, steps, 4, 8)), jnp.float32)
+    query_positions = jnp.asarray(np.sort(rng.choice(np.arange(600), (2, steps)), axis=1), jnp.int32)
+    extra_mask = jnp.asarray(rng.random((2, steps, capacity)) < 0.7)
     cotangent = jnp.asarray(rng.standard_normal(queries.shape), jnp.float32)
 
     def loss(attention, q, k, v):
@@ -111,4 +114,4 @@ def test_the_backend_differentiates_like_the_dense_reference_and_saves_only_its_
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))  # the same backward computation
     _, residuals = jax.linearize(lambda q: loss(tc.attention.xla_attention, q, layer.keys, layer.values), queries)
     saved = jax.tree.leaves(residuals)
-    assert max(x.size for x in saved) <= layer.keys.size  # inputs only; the dense probs are 2*4*6*32
+    assert max(x.size for x in saved) <= extra_mask.size  # inputs only; the dense probs are 2*4*20*300

@@ -11,7 +11,6 @@ import math
 import os
 import shlex
 import sys
-import tempfile
 import time
 
 import jax
@@ -22,6 +21,7 @@ from tokcomp_jax.checkpoints import DEFAULT_MODEL, load, read_model_config
 from tokcomp_jax.checkpoints.weights import resolve_dtype
 from tokcomp_jax.data.corpora import CORPORA
 from tokcomp_jax.evaluation import reports, runner
+from tokcomp_jax.files import check_writable_directory
 from tokcomp_jax.generation import encode_prompts, generate_ids, stop_token_ids, text_streamer
 from tokcomp_jax.presses import PRESS_NAMES, Budget, make_press
 from tokcomp_jax.sampling import SamplingConfig
@@ -126,19 +126,6 @@ def check_flags(command: str) -> None:
             raise ValueError(f"--data replaces {', '.join(replaced)}: its rows are the cases; leave them out.")
 
 
-def check_output_dir(path: str) -> None:
-    """Creates `path` if needed and raises `ValueError` unless a file can be written in it."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--output_dir {path} is a file; give a directory (it is created if missing).")
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise ValueError(f"--output_dir {path} is not writable ({e.strerror}); give a directory you can "
-                         f"write to.") from None
-
-
 def generate_command() -> None:
     if not _PROMPT.value:
         raise app.UsageError("generate needs --prompt \"...\" (repeat it for a batch).")
@@ -193,7 +180,8 @@ def eval_command() -> None:
         sweep.check_context(read_model_config(_MODEL.value).max_position_embeddings)
     except ValueError as e:
         raise ValueError(f"--lengths: {e}" if "lengths go up to" in str(e) else str(e)) from None
-    check_output_dir(_OUTPUT.value)
+    check_writable_directory(_OUTPUT.value, "--output_dir")
+    os.makedirs(_OUTPUT.value, exist_ok=True)
     results = os.path.join(_OUTPUT.value, "results.jsonl")
     model, tokenizer = _load()
 

@@ -143,7 +143,7 @@ def test_token_budget_above_the_prompt_keeps_everything_in_prefill(model):
 @pytest.mark.parametrize("ids, match", [
     (np.zeros((2, 3, 4), np.int32), r"ids must be .*shaped \[B, S\]"),
     (np.zeros((2, 3), np.float32), r"ids must be .*integer"),
-    ([[]], r"ids must be non-empty"),
+    ([[]], r"ids: row 0 is empty; every prompt needs at least one token"),
     ([[1, 2, 64]], r"ids must be token ids in \[0, 64\)"),
     ([[1, -2, 3]], r"ids must be token ids in \[0, 64\)"),
 ])

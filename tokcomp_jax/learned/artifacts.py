@@ -29,6 +29,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from tokcomp_jax.files import check_writable_directory
 from tokcomp_jax.training.checkpoint import Checkpoints
 from tokcomp_jax.training.config import check_config, config_from_json
 from tokcomp_jax.training.loop import CHECKPOINT_DIR, CONFIG_FILE, Trainer, flatten_dict, load_model
@@ -101,6 +102,7 @@ def export_trained(workdir: str, path: str, step: int | None = None, storage: st
     """Writes the trained parameters of `workdir`'s checkpoint `step` (default: the newest), in
     `storage` (one of STORAGES), and the run's config to the safetensors file `path`; returns `path`.
     Optimizer state is left out."""
+    check_writable_directory(os.path.dirname(os.path.abspath(path)), "path's directory")
     config_path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{workdir} holds no {CONFIG_FILE}: pass the workdir of a training run.")

@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from tokcomp_jax.checkpoints import load
+from tokcomp_jax.files import check_writable_directory
 from tokcomp_jax.models.config import TINY_CONFIG
 from tokcomp_jax.models.llama import Llama
 from tokcomp_jax.sharding import activation_sharding, make_mesh, param_shardings, shardings_like
@@ -272,6 +273,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     tokens_per_s and the task's metrics; every `config.eval_every`: the held-out `Trainer.evaluate`).
     `on_step(step, state)` runs after each update.
     """
+    try:
+        check_writable_directory(workdir, "workdir")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     fresh = not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR))
     if fresh and config.init_from and not os.path.isdir(os.path.join(config.init_from, CHECKPOINT_DIR)):
         raise ConfigError(f"config.init_from must be the workdir of an earlier run, which holds {CHECKPOINT_DIR}/; "
