@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import tokcomp_jax as tc
 from tokcomp_jax import cli
 from tokcomp_jax.batching import check_token_ids
-from tokcomp_jax.checkpoints import resolve_model_path
+from tokcomp_jax.checkpoints import read_context_length, resolve_model_path
 from tokcomp_jax.checkpoints.gguf import GGUFFile
 from tokcomp_jax.evaluation.data import read_jsonl
 from tokcomp_jax.evaluation.runner import Sweep
@@ -89,6 +89,19 @@ CLI_CATALOGUE = [
 def test_cli_flags_are_checked_before_the_model_loads(run_cli, tmp_path, args, more, message):
     code, stderr = run_cli(*args, *(more(tmp_path) if more else ()))
     assert code == 1 and stderr.startswith("tokcomp-jax: error: ") and message in stderr, stderr
+
+
+def test_the_context_length_is_read_from_the_gguf_header_as_the_loader_reads_it(tmp_path):
+    """What `eval` checks --lengths against, without the seconds GGUFReader takes over the vocabulary."""
+    path = resolve_model_path("smollm2-135m-instruct")
+    assert read_context_length("smollm2-135m-instruct") == GGUFFile(path).config.max_position_embeddings == 8192
+    cut = tmp_path / "cut.gguf"
+    with open(path, "rb") as f:
+        cut.write_bytes(f.read(300))
+    with pytest.raises(tc.CheckpointError, match="cut.gguf is truncated: its metadata ends early"):
+        read_context_length(str(cut))
+    with pytest.raises(tc.CheckpointError, match="README.md is neither a .gguf file nor a Hugging Face directory"):
+        read_context_length(str(ROOT / "README.md"))
 
 
 def test_a_bad_output_dir_is_reported_before_a_batch_is_lost(run_cli, tmp_path):

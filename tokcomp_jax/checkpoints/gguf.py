@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from typing import Any, Iterator
 
 import gguf
@@ -166,3 +167,49 @@ def _hf_name(gguf_name: str) -> str | None:
     if key not in _TENSOR_NAMES or kind not in ("weight", "bias"):
         return None
     return f"{_TENSOR_NAMES[key].format(layer)}.{kind}"
+
+
+# GGUF metadata value types (ggml's gguf.h): fixed-size scalars by struct format, strings, arrays.
+_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                   12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_context_length(path: str) -> int | None:
+    """`{architecture}.context_length` of a GGUF file, read from the metadata before it (GGUFReader
+    parses all of it, the vocabulary included, in seconds); None if the metadata holds none."""
+    with open(path, "rb") as f:
+        def read(fmt: str):
+            size = struct.calcsize(fmt)
+            data = f.read(size)
+            if len(data) != size:
+                raise CheckpointError(f"{path} is truncated: its metadata ends early.")
+            return struct.unpack(fmt, data)[0]
+
+        def value(kind: int):
+            if kind == _STRING:
+                return f.read(read("<Q")).decode("utf-8", errors="replace")
+            if kind == _ARRAY:
+                item, count = read("<I"), read("<Q")
+                if item in _SCALAR_FORMATS:  # skipped, not decoded
+                    f.seek(count * struct.calcsize(_SCALAR_FORMATS[item]), os.SEEK_CUR)
+                    return None
+                return [value(item) for _ in range(count)]
+            if kind not in _SCALAR_FORMATS:
+                raise CheckpointError(f"{path}: metadata value type {kind} is not a GGUF type (corrupt file).")
+            return read(_SCALAR_FORMATS[kind])
+
+        if f.read(4) != b"GGUF":
+            raise CheckpointError(f"{path} is not a GGUF file (it does not start with GGUF).")
+        read("<I")  # version
+        read("<Q")  # tensor count
+        architecture = None
+        for _ in range(read("<Q")):
+            key = value(_STRING)
+            found = value(read("<I"))
+            if key == "general.architecture":
+                architecture = found
+            elif architecture is not None and key == f"{architecture}.context_length":
+                return int(found)
+    return None
+
